@@ -1,0 +1,13 @@
+//! weft's shared core: the CNI protocol (spec types, skel, delegation), network
+//! namespaces, and the small helpers every plugin needs.
+
+pub mod args;
+pub mod delegate;
+pub mod error;
+pub mod log;
+pub mod netns;
+pub mod skel;
+pub mod spec;
+pub mod version;
+
+pub use error::{CniError, Result};
