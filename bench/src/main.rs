@@ -1,0 +1,475 @@
+//! weft-bench: times weft plugins against the reference CNI plugins, interleaved
+//! in one run so that machine noise hits both sides alike.
+
+mod harness;
+mod rows;
+mod stats;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use harness::{Impl, Netns, Target, TempDir};
+use rows::{ROWS, Row};
+use stats::Summary;
+
+const DEFAULT_REFERENCE: &str = "/usr/lib/cni";
+const DEFAULT_ITERATIONS: usize = 200;
+const DEFAULT_WARMUP: usize = 2;
+
+#[derive(Debug, PartialEq)]
+struct Args {
+    ours: PathBuf,
+    reference: PathBuf,
+    iterations: usize,
+    warmup: usize,
+    only: Option<String>,
+    json: Option<PathBuf>,
+}
+
+enum Parsed {
+    Run(Args),
+    Help,
+}
+
+fn default_ours() -> PathBuf {
+    match std::env::var_os("WEFT_BIN_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("bench/ lives in the workspace")
+            .join("target/release"),
+    }
+}
+
+fn usage() -> String {
+    let mut s = format!(
+        "\
+weft-bench: time weft CNI plugins against the reference plugins, side by side
+
+USAGE: weft-bench [OPTIONS]        (must run as root: it creates a network namespace)
+
+OPTIONS:
+  --ours DIR         our plugin binaries [env WEFT_BIN_DIR, else {ours}]
+  --reference DIR    reference plugin binaries [{DEFAULT_REFERENCE}]
+  --iterations N     timed samples per row and implementation [{DEFAULT_ITERATIONS}]
+  --warmup N         untimed iterations first [{DEFAULT_WARMUP}]
+  --only TEXT        run only rows whose name contains TEXT (case-insensitive)
+  --json FILE        also write the results, raw samples included, as JSON
+  -h, --help         this text
+
+Each iteration runs ours then the reference, alternating which goes first. Each
+side gets its own scratch dataDir, network name and subnet; ratio = reference / ours
+median (above 1.00 means ours is faster).
+
+ROWS:
+",
+        ours = default_ours().display()
+    );
+    for row in ROWS {
+        let _ = writeln!(s, "  {:<30} {}", row.name, row.about);
+    }
+    s
+}
+
+fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Parsed> {
+    let mut args = Args {
+        ours: default_ours(),
+        reference: PathBuf::from(DEFAULT_REFERENCE),
+        iterations: DEFAULT_ITERATIONS,
+        warmup: DEFAULT_WARMUP,
+        only: None,
+        json: None,
+    };
+    let mut it = argv.into_iter();
+    while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Parsed::Help);
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg, None),
+        };
+        let mut value = || -> Result<String> {
+            match inline.clone().or_else(|| it.next()) {
+                Some(v) => Ok(v),
+                None => bail!("{flag} needs a value"),
+            }
+        };
+        let count = |v: String, flag: &str| -> Result<usize> {
+            v.parse()
+                .with_context(|| format!("{flag}: not a non-negative integer: {v:?}"))
+        };
+        match flag.as_str() {
+            "--ours" => args.ours = PathBuf::from(value()?),
+            "--reference" => args.reference = PathBuf::from(value()?),
+            "--iterations" => {
+                args.iterations = count(value()?, &flag)?;
+                if args.iterations == 0 {
+                    bail!("--iterations must be at least 1");
+                }
+            }
+            "--warmup" => args.warmup = count(value()?, &flag)?,
+            "--only" => args.only = Some(value()?),
+            "--json" => args.json = Some(PathBuf::from(value()?)),
+            _ => bail!("unknown argument {flag:?} (see --help)"),
+        }
+    }
+    Ok(Parsed::Run(args))
+}
+
+struct RowResult {
+    row: &'static Row,
+    /// Indexed like the `impls` array: ours, reference.
+    samples: [Vec<Duration>; 2],
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft-bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if !harness::is_root() {
+        eprintln!(
+            "weft-bench: must run as root: it creates a network namespace (unshare --net) for \
+             CNI_NETNS.\nRun it with sudo, e.g.: sudo {} {}",
+            std::env::args()
+                .next()
+                .unwrap_or_else(|| "weft-bench".into()),
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        );
+        return ExitCode::from(2);
+    }
+    harness::install_signal_handlers();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let rows: Vec<&'static Row> = ROWS
+        .iter()
+        .filter(|r| match &args.only {
+            Some(only) => r.name.to_lowercase().contains(&only.to_lowercase()),
+            None => true,
+        })
+        .collect();
+    if rows.is_empty() {
+        let names: Vec<_> = ROWS.iter().map(|r| r.name).collect();
+        bail!(
+            "--only {:?} matches no row; rows: {names:?}",
+            args.only.as_deref().unwrap_or("")
+        );
+    }
+
+    let impls = [
+        Impl {
+            label: "ours",
+            bin_dir: absolute(&args.ours)?,
+            subnet: "10.200.0.0/16",
+        },
+        Impl {
+            label: "reference",
+            bin_dir: absolute(&args.reference)?,
+            subnet: "10.201.0.0/16",
+        },
+    ];
+    let mut binaries: Vec<(&str, PathBuf)> = Vec::new();
+    for row in &rows {
+        for plugin in row.plugins {
+            for imp in &impls {
+                let bin = imp.plugin(plugin);
+                if !is_executable(&bin) {
+                    bail!(
+                        "{} {plugin} not found or not executable: {}{}",
+                        imp.label,
+                        bin.display(),
+                        if imp.label == "ours" {
+                            " (build it with `cargo build --release`, or pass --ours DIR)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                let entry = (imp.label, bin);
+                if !binaries.contains(&entry) {
+                    binaries.push(entry);
+                }
+            }
+        }
+    }
+
+    let scratch = TempDir::new("weft-bench-")?;
+    let netns = Netns::create()?;
+
+    print_machine(args, &binaries, netns.path(), scratch.path());
+
+    let mut results = Vec::new();
+    for row in rows {
+        eprint!(
+            "running {:<30} {} + {} iterations x 2 implementations ... ",
+            row.name, args.warmup, args.iterations
+        );
+        let samples = run_row(row, &impls, &netns, scratch.path(), args).inspect_err(|_| {
+            eprintln!("FAILED");
+        })?;
+        eprintln!("done");
+        results.push(RowResult { row, samples });
+    }
+
+    println!();
+    print_table(&results);
+    if let Some(path) = &args.json {
+        let json = to_json(args, &impls, &binaries, &results);
+        std::fs::write(path, format!("{json:#}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// All iterations of one row, interleaved: ours then reference on even
+/// iterations, reference then ours on odd ones.
+fn run_row(
+    row: &Row,
+    impls: &[Impl; 2],
+    netns: &Netns,
+    scratch: &Path,
+    args: &Args,
+) -> Result<[Vec<Duration>; 2]> {
+    let slug: String = row
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut targets = Vec::new();
+    for imp in impls {
+        let data_dir = scratch.join(format!("{slug}-{}", imp.label));
+        std::fs::create_dir(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let network = format!("weft-bench-{}", imp.label);
+        targets.push(Target::new(imp, netns.path(), data_dir, network));
+    }
+
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..args.warmup + args.iterations {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            harness::check_interrupted()?;
+            let t = &mut targets[k];
+            let d = (row.run)(t, i).with_context(|| {
+                format!("row {:?}, {} side, iteration {i}", row.name, t.imp.label)
+            })?;
+            if i >= args.warmup {
+                samples[k].push(d);
+            }
+        }
+    }
+
+    // Clean state for the next row.
+    for t in &targets {
+        std::fs::remove_dir_all(&t.data_dir)
+            .with_context(|| format!("removing {}", t.data_dir.display()))?;
+    }
+    Ok(samples)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn print_machine(args: &Args, binaries: &[(&str, PathBuf)], netns: &Path, scratch: &Path) {
+    println!("weft-bench");
+    println!(
+        "  machine:    nproc {}, {}, Linux {}",
+        nproc(),
+        cpu_model(),
+        kernel()
+    );
+    println!(
+        "  iterations: {} timed (+{} warm-up) per row and implementation, interleaved",
+        args.iterations, args.warmup
+    );
+    println!("  netns:      {}", netns.display());
+    println!("  dataDir:    under {}", scratch.display());
+    println!("  binaries:");
+    for (label, b) in binaries {
+        let size = std::fs::metadata(b).map(|m| m.len()).unwrap_or(0);
+        println!("    {label:<10} {} ({} KiB)", b.display(), size / 1024);
+    }
+}
+
+fn ratio(ours: &Summary, reference: &Summary) -> f64 {
+    reference.median / ours.median
+}
+
+fn print_table(results: &[RowResult]) {
+    println!(
+        "{:<30} {:>10} {:>10} {:>7}  {:>19}  {:>19}",
+        "row", "ours ms", "ref ms", "ratio", "ours p10..p90", "ref p10..p90"
+    );
+    println!(
+        "{}",
+        "-".repeat(30 + 1 + 10 + 1 + 10 + 1 + 7 + 2 + 19 + 2 + 19)
+    );
+    for r in results {
+        let (Some(o), Some(f)) = (Summary::of(&r.samples[0]), Summary::of(&r.samples[1])) else {
+            continue;
+        };
+        println!(
+            "{:<30} {:>10.3} {:>10.3} {:>6.2}x  {:>19}  {:>19}",
+            r.row.name,
+            o.median,
+            f.median,
+            ratio(&o, &f),
+            format!("{:.3}..{:.3}", o.p10, o.p90),
+            format!("{:.3}..{:.3}", f.p10, f.p90),
+        );
+    }
+    println!("\nms = median wall time of the exec(s); ratio = reference / ours (>1: ours faster)");
+}
+
+fn to_json(
+    args: &Args,
+    impls: &[Impl; 2],
+    binaries: &[(&str, PathBuf)],
+    results: &[RowResult],
+) -> serde_json::Value {
+    let summary = |s: &[Duration]| {
+        let ms: Vec<f64> = s.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        match Summary::of(s) {
+            Some(x) => serde_json::json!({
+                "n": x.n, "median_ms": x.median, "p10_ms": x.p10, "p90_ms": x.p90,
+                "min_ms": x.min, "max_ms": x.max, "samples_ms": ms,
+            }),
+            None => serde_json::Value::Null,
+        }
+    };
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let ratio = match (Summary::of(&r.samples[0]), Summary::of(&r.samples[1])) {
+                (Some(o), Some(f)) => serde_json::json!(ratio(&o, &f)),
+                _ => serde_json::Value::Null,
+            };
+            serde_json::json!({
+                "name": r.row.name,
+                "about": r.row.about,
+                "ours": summary(&r.samples[0]),
+                "reference": summary(&r.samples[1]),
+                "ratio_reference_over_ours": ratio,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "machine": { "nproc": nproc(), "cpu": cpu_model(), "kernel": kernel() },
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "ours_dir": impls[0].bin_dir,
+        "reference_dir": impls[1].bin_dir,
+        "binaries": binaries
+            .iter()
+            .map(|(label, b)| serde_json::json!({ "side": label, "path": b }))
+            .collect::<Vec<_>>(),
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(a: &[&str]) -> Result<Parsed> {
+        parse_args(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flags_with_space_or_equals() {
+        let Parsed::Run(a) = parse(&[
+            "--ours",
+            "/o",
+            "--reference=/r",
+            "--iterations",
+            "7",
+            "--only=DEL",
+            "--json",
+            "x.json",
+        ])
+        .unwrap() else {
+            panic!("expected a run");
+        };
+        assert_eq!(a.ours, PathBuf::from("/o"));
+        assert_eq!(a.reference, PathBuf::from("/r"));
+        assert_eq!(a.iterations, 7);
+        assert_eq!(a.only.as_deref(), Some("DEL"));
+        assert_eq!(a.json, Some(PathBuf::from("x.json")));
+        assert_eq!(a.warmup, DEFAULT_WARMUP);
+    }
+
+    #[test]
+    fn bad_arguments() {
+        assert!(parse(&["--iterations"]).is_err());
+        assert!(parse(&["--iterations", "x"]).is_err());
+        assert!(parse(&["--iterations", "0"]).is_err());
+        assert!(parse(&["--frobnicate"]).is_err());
+        assert!(matches!(
+            parse(&["--only", "x", "--help"]),
+            Ok(Parsed::Help)
+        ));
+    }
+
+    #[test]
+    fn row_names_are_unique() {
+        let mut names: Vec<_> = ROWS.iter().map(|r| r.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ROWS.len());
+    }
+}

@@ -1,0 +1,45 @@
+//! Test harness for weft's plugins: run real binaries, in real (throwaway) network
+//! namespaces, the way container runtimes run them.
+//!
+//! - [`TestNetns`]: a fresh netns owned by a child process, gone when dropped.
+//! - [`TempDir`]: a scratch directory removed on drop, even when a test panics.
+//! - [`Invocation`] / [`Outcome`]: run one plugin with a controlled environment.
+//! - [`driver::Driver`]: a libcni-like conflist runtime (ADD/CHECK/DEL/GC/STATUS + result cache).
+//! - [`fake::FakePlugin`]: shell-script plugins that record their calls.
+//!
+//! Tests that need root start with `if !netns_tests::require_root() { return; }`.
+
+pub mod base64;
+pub mod driver;
+pub mod fake;
+mod netns;
+mod runner;
+mod tempdir;
+
+pub use netns::TestNetns;
+pub use runner::{
+    CniErr, Invocation, Outcome, bin_dir, plugin_path, reference_dir, workspace_root,
+};
+pub use tempdir::TempDir;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Whether we run as root; prints a skip notice otherwise. Namespaces, nsenter and
+/// most plugin work need root, and a silent pass is better than a confusing failure
+/// on a developer machine.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipping: needs root");
+    }
+    root
+}
+
+/// A name unique within this test run and across concurrent runs (pid + counter),
+/// valid as a CNI network name or container ID: `<tag>-<pid>-<n>`.
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{tag}-{}-{n}", std::process::id())
+}
