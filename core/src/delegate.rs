@@ -5,6 +5,7 @@ use crate::error::{CniError, Result, code};
 use crate::skel::{Command, Env};
 use crate::spec::CniResult;
 use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -47,12 +48,14 @@ pub fn exec(binary: &Path, command: Command, env: &Env, stdin: &[u8]) -> Result<
         .stderr(Stdio::piped());
     let mut child = spawn_retrying(&mut cmd, binary)?;
     let mut pipe = child.stdin.take().expect("stdin is piped");
-    // A plugin reads all of stdin before it writes, so writing first cannot deadlock.
-    let wrote = pipe.write_all(stdin);
-    drop(pipe);
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CniError::io(binary.display(), e))?;
+    // Feed stdin from a second thread so a delegate that writes before it has read
+    // everything cannot deadlock against us.
+    let (out, wrote) = std::thread::scope(|s| {
+        let writer = s.spawn(move || pipe.write_all(stdin));
+        let out = child.wait_with_output();
+        (out, writer.join().expect("the stdin writer does not panic"))
+    });
+    let out = out.map_err(|e| CniError::io(binary.display(), e))?;
     let _ = std::io::stderr().write_all(&out.stderr);
     if out.status.success() {
         wrote.map_err(|e| CniError::io(format!("writing stdin of {}", binary.display()), e))?;
@@ -89,10 +92,14 @@ fn plugin_error(stdout: &[u8], stderr: &[u8], status: std::process::ExitStatus) 
     }
     if stdout.iter().all(u8::is_ascii_whitespace) {
         let err = String::from_utf8_lossy(stderr);
-        return CniError::new(
-            code::DELEGATE_FAILED,
-            format!("netplugin failed: {:?}: {status}", err.trim_end()),
-        );
+        // Worded like libcni (Go's "exit status N"), which operators grep for.
+        let how = match (status.code(), status.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            (None, None) => status.to_string(),
+        };
+        let msg = format!("netplugin failed: {:?}: {how}", err.trim_end());
+        return CniError::new(code::DELEGATE_FAILED, msg);
     }
     match serde_json::from_slice::<Wire>(stdout) {
         Ok(w) => CniError {
@@ -174,7 +181,7 @@ mod tests {
         let b = tempdir("find-b");
         std::fs::create_dir(a.join("ipam")).unwrap(); // a directory does not count
         script(&b, "ipam", "true");
-        let paths = vec![a.clone(), b.clone()];
+        let paths = vec![a.to_path_buf(), b.to_path_buf()];
         assert_eq!(find_in_path("ipam", &paths).unwrap(), b.join("ipam"));
         let e = find_in_path("nope", &paths).unwrap_err();
         assert_eq!(
@@ -211,7 +218,7 @@ mod tests {
         );
         script(&d, "silent", r#"cat >/dev/null; echo oops >&2; exit 3"#);
         script(&d, "garbage", r#"cat >/dev/null; echo nope; exit 1"#);
-        let env = env(vec![d.clone()]);
+        let env = env(vec![d.to_path_buf()]);
         let r = Delegate::find("echoer", &env, b"{}")
             .unwrap()
             .add("1.0.0")
@@ -230,7 +237,7 @@ mod tests {
             .run(Command::Del)
             .unwrap_err();
         assert_eq!(e.code, code::DELEGATE_FAILED);
-        assert!(e.msg.starts_with("netplugin failed: \"oops\""), "{}", e.msg);
+        assert_eq!(e.msg, "netplugin failed: \"oops\": exit status 3");
         let e = Delegate::find("garbage", &env, b"{}")
             .unwrap()
             .run(Command::Check)
@@ -242,10 +249,26 @@ mod tests {
         );
     }
 
-    fn tempdir(tag: &str) -> PathBuf {
+    /// A scratch directory removed when dropped, even if the test fails.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = PathBuf;
+        fn deref(&self) -> &PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tempdir(tag: &str) -> TempDir {
         let d = std::env::temp_dir().join(format!("weft-delegate-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TempDir(d)
     }
 }

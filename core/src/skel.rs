@@ -115,12 +115,18 @@ impl Env {
             )));
         }
         let raw_args = get("CNI_ARGS");
+        // CNI_ARGS belongs to one attachment; the other verbs must not trip on it.
+        let args = if command.is_per_container() {
+            CniArgs::parse(&raw_args)?
+        } else {
+            CniArgs::default()
+        };
         let env = Env {
             command,
             container_id: get("CNI_CONTAINERID"),
             netns: get("CNI_NETNS"),
             ifname: get("CNI_IFNAME"),
-            args: CniArgs::parse(&raw_args)?,
+            args,
             raw_args,
             path: get("CNI_PATH")
                 .split(':')

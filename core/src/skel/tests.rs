@@ -319,3 +319,26 @@ fn verbs_dispatch_and_reply() {
     assert_eq!(s, 1);
     assert!(out.contains("\"code\": 50"));
 }
+
+#[test]
+fn malformed_cni_args_only_matter_to_pod_verbs() {
+    let version = HashMap::from([
+        ("CNI_COMMAND", "VERSION".to_string()),
+        ("CNI_ARGS", "FOO".to_string()),
+    ]);
+    assert_eq!(go(&version, "").0, 0);
+    let status = HashMap::from([
+        ("CNI_COMMAND", "STATUS".to_string()),
+        ("CNI_ARGS", "FOO".to_string()),
+    ]);
+    assert!(
+        go(&status, CONF).1.contains("\"code\": 50"),
+        "STATUS reached the plugin"
+    );
+    let mut del = full_env("DEL");
+    del.insert("CNI_ARGS", "FOO".into());
+    assert_eq!(
+        err_of(&del, CONF),
+        (4, r#"CNI_ARGS: invalid pair "FOO""#.into(), String::new())
+    );
+}
