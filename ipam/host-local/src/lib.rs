@@ -21,13 +21,13 @@ use weft_core::spec::{CniResult, IpConfig};
 pub fn add(req: &Request) -> Result<CniResult> {
     let conf = config::load(req)?;
     let wanted = assign_requested(&conf)?;
-    let store = Store::open(&conf.data_dir, true)?.expect("created");
+    let mut store = Store::open(&conf.data_dir, true)?.expect("created");
     let (cid, ifname) = (&req.env.container_id, &req.env.ifname);
-    let held = store.held_by(cid, ifname)?;
+    let held = store.held_by(cid, ifname);
     let mut taken: Vec<IpAddr> = Vec::new();
     let mut ips = Vec::new();
     for (i, set) in conf.sets.iter().enumerate() {
-        match allocate(&store, set, i, wanted[i], cid, ifname, &held) {
+        match allocate(&mut store, set, i, wanted[i], cid, ifname, &held) {
             Ok(ip) => {
                 taken.push(ip.address.addr());
                 ips.push(ip);
@@ -69,7 +69,7 @@ fn assign_requested(conf: &IpamConfig) -> Result<Vec<Option<IpAddr>>> {
 }
 
 fn allocate(
-    store: &Store,
+    store: &mut Store,
     set: &RangeSet,
     index: usize,
     wanted: Option<IpAddr>,
@@ -121,10 +121,10 @@ pub fn del(req: &Request) -> Result<()> {
         weft_core::warn!("DEL without an 'ipam' key: nothing to release");
         return Ok(());
     };
-    let Some(store) = Store::open(&dir, false)? else {
+    let Some(mut store) = Store::open(&dir, false)? else {
         return Ok(());
     };
-    for ip in store.held_by(&req.env.container_id, &req.env.ifname)? {
+    for ip in store.held_by(&req.env.container_id, &req.env.ifname) {
         store.release(ip)?;
     }
     Ok(())
@@ -141,7 +141,7 @@ pub fn check(req: &Request) -> Result<()> {
             "host-local: Failed to find address added by container {cid}"
         )));
     };
-    let held = store.held_by(cid, ifname)?;
+    let held = store.held_by(cid, ifname);
     let listed: Option<Vec<IpAddr>> = req
         .conf
         .prev_result()?
@@ -177,12 +177,17 @@ pub fn gc(req: &Request) -> Result<()> {
     let Some(dir) = config::data_dir_of(req) else {
         return Ok(());
     };
-    let Some(store) = Store::open(&dir, false)? else {
+    let Some(mut store) = Store::open(&dir, false)? else {
         return Ok(());
     };
     let live_cids: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
     let mut errors = Vec::new();
-    for (ip, owner) in store.reservations()? {
+    let all: Vec<(IpAddr, Owner)> = store
+        .reservations()
+        .iter()
+        .map(|(ip, o)| (*ip, o.clone()))
+        .collect();
+    for (ip, owner) in all {
         let keep = match &owner {
             Owner::Attachment {
                 container_id,
@@ -211,11 +216,7 @@ pub fn gc(req: &Request) -> Result<()> {
 pub fn status(req: &Request) -> Result<()> {
     let conf = config::load(req)?;
     let reserved = match Store::open(&conf.data_dir, false)? {
-        Some(store) => store
-            .reservations()?
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect(),
+        Some(store) => store.reservations().keys().copied().collect(),
         None => Vec::new(),
     };
     for (i, set) in conf.sets.iter().enumerate() {

@@ -3,10 +3,11 @@
 //! only the container ID), `last_reserved_ip.<set>` the round-robin pointer, and
 //! `lock` is flock'ed around every operation.
 
+use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, DirEntryExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use weft_core::error::{CniError, Result};
 
@@ -50,10 +51,24 @@ impl Owner {
 }
 
 /// A network's state directory, locked for as long as this value lives.
+///
+/// Who holds which address comes from `.weft-owners`, a cache of the reservation
+/// files' contents, instead of reading every file on every operation. The cache is
+/// trusted only if the directory's mtime and every reservation's (name, inode) are
+/// what they were when it was written: ext4 and xfs change the mtime on every
+/// create/unlink, and tmpfs (whose mtime can miss a change) never reuses an inode
+/// number soon. Anything else (another implementation, a person) makes the next
+/// operation read all files again.
 pub struct Store {
     dir: PathBuf,
+    owners: BTreeMap<IpAddr, Owner>,
+    /// The cache file no longer matches `owners`.
+    dirty: bool,
     _lock: File,
 }
+
+const CACHE: &str = ".weft-owners";
+const CACHE_HEADER: &str = "# weft host-local owner cache v1 (safe to delete)";
 
 impl Store {
     /// Open and lock the directory, creating it (0700) when `create` is set.
@@ -78,15 +93,22 @@ impl Store {
             .map_err(|e| CniError::io(lock_path.display(), e))?;
         lock.lock()
             .map_err(|e| CniError::io(format!("locking {}", lock_path.display()), e))?;
+        let entries = reservation_entries(dir).map_err(|e| CniError::io(dir.display(), e))?;
+        let (owners, dirty) = match read_cache(dir, &entries) {
+            Some(owners) => (owners, false),
+            None => (read_all(dir, &entries)?, true),
+        };
         Ok(Some(Store {
             dir: dir.to_path_buf(),
+            owners,
+            dirty,
             _lock: lock,
         }))
     }
 
     /// Atomically claim `ip` (O_EXCL) and move the set's round-robin pointer.
     /// `Ok(false)` when someone holds it already.
-    pub fn reserve(&self, ip: IpAddr, cid: &str, ifname: &str, set: usize) -> Result<bool> {
+    pub fn reserve(&mut self, ip: IpAddr, cid: &str, ifname: &str, set: usize) -> Result<bool> {
         let path = self.dir.join(ip.to_string());
         let file = OpenOptions::new()
             .write(true)
@@ -102,22 +124,20 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             return Err(CniError::io(path.display(), e));
         }
+        let owner = Owner::Attachment {
+            container_id: cid.to_string(),
+            ifname: ifname.to_string(),
+        };
+        self.owners.insert(ip, owner);
+        self.dirty = true;
         self.write_last_reserved(ip, set)?;
         Ok(true)
     }
 
     fn write_last_reserved(&self, ip: IpAddr, set: usize) -> Result<()> {
         let path = self.dir.join(format!("last_reserved_ip.{set}"));
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            f.write_all(ip.to_string().as_bytes())
-        };
-        write().map_err(|e| CniError::io(path.display(), e))
+        write_in_place(&path, ip.to_string().as_bytes())
+            .map_err(|e| CniError::io(path.display(), e))
     }
 
     pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
@@ -129,57 +149,161 @@ impl Store {
     }
 
     /// Drop the reservation of `ip`; a missing file is fine.
-    pub fn release(&self, ip: IpAddr) -> Result<()> {
+    pub fn release(&mut self, ip: IpAddr) -> Result<()> {
         let path = self.dir.join(ip.to_string());
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(CniError::io(path.display(), e)),
-            _ => Ok(()),
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(CniError::io(path.display(), e));
+            }
+            _ => {}
         }
+        self.owners.remove(&ip);
+        self.dirty = true;
+        Ok(())
     }
 
-    /// Every reservation in the directory. Files not named by an address
-    /// (`lock`, `last_reserved_ip.N`, anything else) are not reservations.
-    pub fn reservations(&self) -> Result<Vec<(IpAddr, Owner)>> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|e| CniError::io(self.dir.display(), e))?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| CniError::io(self.dir.display(), e))?;
-            let Some(ip) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<IpAddr>().ok())
-            else {
-                continue;
-            };
-            match std::fs::read_to_string(entry.path()) {
-                Ok(content) => out.push((ip, Owner::parse(&content))),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(CniError::io(entry.path().display(), e)),
-            }
-        }
-        Ok(out)
+    /// Every reservation, by address.
+    pub fn reservations(&self) -> &BTreeMap<IpAddr, Owner> {
+        &self.owners
     }
 
     /// Addresses held by (cid, ifname). Exact matches win; only when there are none
     /// do legacy files of the same container count, as in the reference.
-    pub fn held_by(&self, cid: &str, ifname: &str) -> Result<Vec<IpAddr>> {
-        let all = self.reservations()?;
-        let exact: Vec<IpAddr> = all
-            .iter()
-            .filter(|(_, o)| o.is_exactly(cid, ifname))
-            .map(|(ip, _)| *ip)
-            .collect();
+    pub fn held_by(&self, cid: &str, ifname: &str) -> Vec<IpAddr> {
+        let pick = |f: &dyn Fn(&Owner) -> bool| -> Vec<IpAddr> {
+            self.owners
+                .iter()
+                .filter(|(_, o)| f(o))
+                .map(|(ip, _)| *ip)
+                .collect()
+        };
+        let exact = pick(&|o| o.is_exactly(cid, ifname));
         if !exact.is_empty() {
-            return Ok(exact);
+            return exact;
         }
-        let legacy = |o: &Owner| matches!(o, Owner::Legacy { container_id } if container_id == cid);
-        Ok(all
-            .into_iter()
-            .filter(|(_, o)| legacy(o))
-            .map(|(ip, _)| ip)
-            .collect())
+        pick(&|o| matches!(o, Owner::Legacy { container_id } if container_id == cid))
     }
+
+    /// Rewrite the cache in place (not by rename, which would change the directory's
+    /// mtime), stamped with the mtime the directory has once this operation is done.
+    fn write_cache(&self) -> std::io::Result<()> {
+        let path = self.dir.join(CACHE);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        let entries = reservation_entries(&self.dir)?;
+        let mut text = format!("{CACHE_HEADER}\ndirmtime {}\n", dir_stamp(&self.dir)?);
+        for (ip, owner) in &self.owners {
+            // A file we did not expect means our view is off: leave the cache incomplete.
+            let Some(ino) = entries.get(ip) else {
+                return Ok(());
+            };
+            match owner {
+                Owner::Attachment {
+                    container_id,
+                    ifname,
+                } => text += &format!("{ip}\t{ino}\t{container_id}\t{ifname}\n"),
+                Owner::Legacy { container_id } => text += &format!("{ip}\t{ino}\t{container_id}\n"),
+            }
+        }
+        if entries.len() == self.owners.len() {
+            text += "end\n";
+        }
+        file.write_all(text.as_bytes())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Runs before the lock field is dropped, so the cache is written under the lock.
+        if let Some(e) = self.dirty.then(|| self.write_cache().err()).flatten() {
+            let path = self.dir.join(CACHE);
+            weft_core::warn!(
+                "could not write {}: {e}; the next operation rescans",
+                path.display()
+            );
+        }
+    }
+}
+
+fn write_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
+/// The directory's mtime to the nanosecond. Any file created or removed in it changes it.
+fn dir_stamp(dir: &Path) -> std::io::Result<String> {
+    let m = std::fs::metadata(dir)?;
+    Ok(format!("{}.{:09}", m.mtime(), m.mtime_nsec()))
+}
+
+/// Reservation files (named by an address) and their inode numbers, from readdir
+/// alone. `lock`, `last_reserved_ip.N` and the cache are not reservations.
+fn reservation_entries(dir: &Path) -> std::io::Result<BTreeMap<IpAddr, u64>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(ip) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<IpAddr>().ok())
+        {
+            out.insert(ip, entry.ino());
+        }
+    }
+    Ok(out)
+}
+
+/// The cached owners, if the cache is complete and describes `entries` exactly.
+fn read_cache(dir: &Path, entries: &BTreeMap<IpAddr, u64>) -> Option<BTreeMap<IpAddr, Owner>> {
+    let text = std::fs::read_to_string(dir.join(CACHE)).ok()?;
+    let mut lines = text.lines();
+    (lines.next()? == CACHE_HEADER).then_some(())?;
+    (lines.next()?.strip_prefix("dirmtime ")? == dir_stamp(dir).ok()?).then_some(())?;
+    let mut owners = BTreeMap::new();
+    for line in lines {
+        if line == "end" {
+            return (owners.len() == entries.len()).then_some(owners);
+        }
+        let mut f = line.split('\t');
+        let ip: IpAddr = f.next()?.parse().ok()?;
+        let ino: u64 = f.next()?.parse().ok()?;
+        (entries.get(&ip) == Some(&ino)).then_some(())?;
+        let cid = f.next()?.to_string();
+        let owner = match f.next() {
+            Some(ifname) => Owner::Attachment {
+                container_id: cid,
+                ifname: ifname.to_string(),
+            },
+            None => Owner::Legacy { container_id: cid },
+        };
+        owners.insert(ip, owner);
+    }
+    None // no trailer: a write was cut short
+}
+
+/// Read every reservation file.
+fn read_all(dir: &Path, entries: &BTreeMap<IpAddr, u64>) -> Result<BTreeMap<IpAddr, Owner>> {
+    let mut out = BTreeMap::new();
+    for ip in entries.keys() {
+        let path = dir.join(ip.to_string());
+        match std::fs::read_to_string(&path) {
+            Ok(content) => {
+                out.insert(*ip, Owner::parse(&content));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(CniError::io(path.display(), e)),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -196,5 +320,114 @@ mod tests {
                 container_id: "legacyc".into()
             }
         );
+    }
+
+    /// A state directory under `base`, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(base: &str, tag: &str) -> Option<Dir> {
+            let base = Path::new(base);
+            base.is_dir()
+                .then(|| Dir(base.join(format!("weft-store-{tag}-{}", std::process::id()))))
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn owner_of(dir: &Path, addr: &str) -> Option<Owner> {
+        Store::open(dir, false)
+            .unwrap()
+            .unwrap()
+            .reservations()
+            .get(&ip(addr))
+            .cloned()
+    }
+
+    #[test]
+    fn cache_is_used_while_the_directory_is_unchanged() {
+        let d = Dir::new("/tmp", "used").unwrap();
+        Store::open(&d.0, true)
+            .unwrap()
+            .unwrap()
+            .reserve(ip("10.0.0.2"), "c1", "eth0", 0)
+            .unwrap();
+        let cache = d.0.join(CACHE);
+        let text = std::fs::read_to_string(&cache).unwrap();
+        assert!(text.ends_with("\tc1\teth0\nend\n"), "{text}");
+        // An in-place edit of the cache does not touch the directory: it is believed.
+        write_in_place(&cache, text.replace("\tc1\t", "\tc9\t").as_bytes()).unwrap();
+        assert!(owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c9", "eth0"));
+    }
+
+    #[test]
+    fn torn_or_stale_caches_are_ignored() {
+        let d = Dir::new("/tmp", "torn").unwrap();
+        Store::open(&d.0, true)
+            .unwrap()
+            .unwrap()
+            .reserve(ip("10.0.0.2"), "c1", "eth0", 0)
+            .unwrap();
+        let cache = d.0.join(CACHE);
+        let text = std::fs::read_to_string(&cache)
+            .unwrap()
+            .replace("\tc1\t", "\tc9\t");
+        write_in_place(&cache, text.trim_end_matches("end\n").as_bytes()).unwrap();
+        assert!(
+            owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c1", "eth0"),
+            "no trailer: rescanned"
+        );
+        write_in_place(&cache, b"garbage").unwrap();
+        assert!(owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c1", "eth0"));
+    }
+
+    /// What another implementation does between two of ours: replace a reservation
+    /// (same name, new owner), add one, remove one. Repeated quickly, so changes land
+    /// within one timestamp tick, which tmpfs's mtime alone would miss.
+    fn foreign_changes_are_seen(base: &str) {
+        let Some(d) = Dir::new(base, "foreign") else {
+            return;
+        };
+        for round in 0..200 {
+            let mut s = Store::open(&d.0, true).unwrap().unwrap();
+            s.reserve(ip("10.0.0.2"), "ours", "eth0", 0).unwrap();
+            drop(s);
+            std::fs::remove_file(d.0.join("10.0.0.2")).unwrap();
+            std::fs::write(d.0.join("10.0.0.2"), format!("theirs{round}\r\neth0")).unwrap();
+            let mut s = Store::open(&d.0, false).unwrap().unwrap();
+            assert!(
+                s.reservations()[&ip("10.0.0.2")].is_exactly(&format!("theirs{round}"), "eth0"),
+                "{base} {round}"
+            );
+            s.release(ip("10.0.0.2")).unwrap();
+            drop(s);
+            std::fs::write(d.0.join("10.0.0.3"), "legacy").unwrap();
+            assert_eq!(
+                owner_of(&d.0, "10.0.0.3"),
+                Some(Owner::Legacy {
+                    container_id: "legacy".into()
+                })
+            );
+            std::fs::remove_file(d.0.join("10.0.0.3")).unwrap();
+            assert_eq!(owner_of(&d.0, "10.0.0.3"), None, "{base} {round}");
+        }
+    }
+
+    #[test]
+    fn foreign_changes_are_seen_on_ext4() {
+        foreign_changes_are_seen("/tmp");
+    }
+
+    #[test]
+    fn foreign_changes_are_seen_on_tmpfs() {
+        foreign_changes_are_seen("/dev/shm");
     }
 }
