@@ -22,6 +22,12 @@ pub struct Row {
 
 pub const ROWS: &[Row] = &[
     Row {
+        name: "host-local VERSION",
+        about: "exec + runtime start-up + one JSON reply: the floor under every other row",
+        plugins: &["host-local"],
+        run: host_local_version,
+    },
+    Row {
         name: "host-local ADD",
         about: "one ADD of a new container ID (allocations accumulate over iterations)",
         plugins: &["host-local"],
@@ -40,6 +46,19 @@ pub const ROWS: &[Row] = &[
         run: host_local_parallel_add,
     },
 ];
+
+fn host_local_version(t: &mut Target, _: usize) -> Result<Duration> {
+    let id = t.next_container_id();
+    let (elapsed, out) =
+        t.timed_exec("host-local", "VERSION", &id, br#"{"cniVersion":"1.0.0"}"#)?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("VERSION reply is not JSON")?;
+    ensure!(
+        reply["supportedVersions"].is_array(),
+        "VERSION reply without supportedVersions: {reply}"
+    );
+    Ok(elapsed)
+}
 
 fn host_local_add(t: &mut Target, _: usize) -> Result<Duration> {
     let conf = t.host_local_conf(&t.network);

@@ -342,3 +342,50 @@ fn malformed_cni_args_only_matter_to_pod_verbs() {
         (4, r#"CNI_ARGS: invalid pair "FOO""#.into(), String::new())
     );
 }
+
+#[test]
+fn unreadable_stdin_is_code_5() {
+    struct Broken;
+    impl Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("pipe gone"))
+        }
+    }
+    let env = full_env("DEL");
+    let mut out = Vec::new();
+    let status = run(
+        &ABOUT,
+        &Probe::default(),
+        &|k: &str| env.get(k).cloned(),
+        &mut Broken,
+        &mut out,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!((status, v["code"].as_u64()), (1, Some(5)));
+    assert_eq!(v["msg"], "error reading from stdin: pipe gone");
+}
+
+/// The hook runs in a child copy of this test binary (a panic must not take the
+/// test runner with it) and must leave a CNI error on stdout.
+#[test]
+fn panic_hook_prints_a_cni_error() {
+    if std::env::var_os("WEFT_PANIC_CHILD").is_some() {
+        install_panic_hook();
+        panic!("boom");
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "skel::tests::panic_hook_prints_a_cni_error",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WEFT_PANIC_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("\"code\": 999"), "{stdout}");
+    assert!(stdout.contains("\"msg\": \"plugin panicked: "), "{stdout}");
+    assert!(stdout.contains("boom"), "{stdout}");
+}
