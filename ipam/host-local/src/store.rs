@@ -352,15 +352,19 @@ mod tests {
             .cloned()
     }
 
+    /// A directory where c1/eth0 holds 10.0.0.2, and the path of its cache.
+    fn one_reservation(tag: &str) -> (Dir, PathBuf) {
+        let d = Dir::new("/tmp", tag).unwrap();
+        let mut store = Store::open(&d.0, true).unwrap().unwrap();
+        store.reserve(ip("10.0.0.2"), "c1", "eth0", 0).unwrap();
+        drop(store);
+        let cache = d.0.join(CACHE);
+        (d, cache)
+    }
+
     #[test]
     fn cache_is_used_while_the_directory_is_unchanged() {
-        let d = Dir::new("/tmp", "used").unwrap();
-        Store::open(&d.0, true)
-            .unwrap()
-            .unwrap()
-            .reserve(ip("10.0.0.2"), "c1", "eth0", 0)
-            .unwrap();
-        let cache = d.0.join(CACHE);
+        let (d, cache) = one_reservation("used");
         let text = std::fs::read_to_string(&cache).unwrap();
         assert!(text.ends_with("\tc1\teth0\nend\n"), "{text}");
         // An in-place edit of the cache does not touch the directory: it is believed.
@@ -370,13 +374,7 @@ mod tests {
 
     #[test]
     fn torn_or_stale_caches_are_ignored() {
-        let d = Dir::new("/tmp", "torn").unwrap();
-        Store::open(&d.0, true)
-            .unwrap()
-            .unwrap()
-            .reserve(ip("10.0.0.2"), "c1", "eth0", 0)
-            .unwrap();
-        let cache = d.0.join(CACHE);
+        let (d, cache) = one_reservation("torn");
         let text = std::fs::read_to_string(&cache)
             .unwrap()
             .replace("\tc1\t", "\tc9\t");
