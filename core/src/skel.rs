@@ -240,6 +240,11 @@ impl Request {
 
 /// A CNI plugin: one method per verb. VERSION is answered by the skel.
 pub trait Plugin {
+    /// Whether the plugin enters CNI_NETNS. IPAM plugins do not, and then the skel
+    /// neither requires the namespace to exist nor checks which one it is.
+    fn uses_netns(&self) -> bool {
+        true
+    }
     fn add(&self, req: &Request) -> Result<CniResult>;
     fn del(&self, req: &Request) -> Result<()>;
     fn check(&self, req: &Request) -> Result<()>;
@@ -340,14 +345,26 @@ fn dispatch<P: Plugin>(
             format!("config version does not allow {verb}"),
         ));
     }
-    refuse_own_netns(&env)?;
+    let mut env = env;
+    if plugin.uses_netns() {
+        vet_netns(&mut env)?;
+    }
     let req = Request {
         env,
         conf,
         stdin: input,
     };
     match req.env.command {
-        Command::Add => plugin.add(&req)?.to_json(req.version()),
+        Command::Add => {
+            let result = plugin.add(&req)?;
+            // A result the config's version cannot express (no IP at 0.2.0) is a failed
+            // ADD: undo it rather than leave state the runtime never heard of.
+            result.to_json(req.version()).inspect_err(|_| {
+                if let Err(e) = plugin.del(&req) {
+                    crate::warn!("rolling back ADD failed: {e}");
+                }
+            })
+        }
         Command::Del => plugin.del(&req).map(|_| String::new()),
         Command::Check => plugin.check(&req).map(|_| String::new()),
         Command::Gc => plugin.gc(&req).map(|_| String::new()),
@@ -368,24 +385,28 @@ fn version_reply(input: &[u8]) -> String {
 }
 
 /// Never act on the plugin's own namespace: a pod verb pointed at the host netns
-/// would reconfigure the host. ADD and CHECK also need the netns to exist; DEL
-/// must succeed without it.
-fn refuse_own_netns(env: &Env) -> Result<()> {
+/// would reconfigure the host. ADD and CHECK need a namespace that exists and is not
+/// ours. DEL must still complete: with a namespace that is gone, not a namespace, or
+/// our own, it runs with CNI_NETNS cleared, so it cleans up host-side state only.
+fn vet_netns(env: &mut Env) -> Result<()> {
     if !env.command.is_per_container() || env.netns.is_empty() {
         return Ok(());
     }
-    let ns = match NetNs::open(&env.netns) {
-        Ok(ns) => ns,
-        Err(_) if env.command == Command::Del => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if ns.is_current()? {
-        return Err(CniError::env(format!(
+    let verdict = NetNs::open(&env.netns).and_then(|ns| match ns.is_current()? {
+        false => Ok(()),
+        true => Err(CniError::env(format!(
             "CNI_NETNS {:?} is the plugin's own network namespace; refusing to configure it",
             env.netns
-        )));
+        ))),
+    });
+    match verdict {
+        Err(e) if env.command == Command::Del => {
+            crate::warn!("DEL continues without the pod's namespace: {e}");
+            env.netns.clear();
+            Ok(())
+        }
+        other => other,
     }
-    Ok(())
 }
 
 #[cfg(test)]

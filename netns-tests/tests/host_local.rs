@@ -893,22 +893,30 @@ fn bad_input_corpus() {
             4,
         ),
         (
-            "netns missing",
-            vec![("CNI_NETNS", Some("/proc/0/ns/net".into()))],
+            "requested IP outside every range",
+            vec![("CNI_ARGS", Some("IP=10.81.0.5".into()))],
             bytes(&good),
-            3,
+            101,
         ),
         (
-            "netns is ours",
-            vec![("CNI_NETNS", Some("/proc/self/ns/net".into()))],
+            "requested IP is the gateway",
+            vec![("CNI_ARGS", Some("IP=10.80.0.1".into()))],
             bytes(&good),
-            4,
+            101,
         ),
         (
-            "netns not a netns",
-            vec![("CNI_NETNS", Some("/etc/hostname".into()))],
-            bytes(&good),
-            4,
+            "rangeEnd outside",
+            vec![],
+            bytes(&ipam(
+                json!({"subnet": "10.0.0.0/24", "rangeEnd": "10.0.1.1"}),
+            )),
+            7,
+        ),
+        (
+            "gateway garbage",
+            vec![],
+            bytes(&ipam(json!({"subnet": "10.0.0.0/24", "gateway": "10.0.0"}))),
+            7,
         ),
         ("no CNI_NETNS", vec![("CNI_NETNS", None)], bytes(&good), 4),
         (
@@ -953,4 +961,174 @@ fn conf_example_dual_stack() {
     f.ours("CHECK", "c1", "eth0", &conf).ok();
     f.del("c1", &conf);
     assert!(f.reservations().is_empty());
+}
+
+/// Go tools marshal the reference's own config structs with zero values: `null`
+/// lists, empty strings. Go reads those as unset, and so must we.
+#[test]
+fn go_zero_values_are_accepted() {
+    let Some(f) = Fixture::new() else { return };
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": f.name, "type": "bridge",
+        "dns": {"nameservers": null, "domain": "", "search": null, "options": null},
+        "args": {"cni": {"ips": null}},
+        "runtimeConfig": {"ips": null, "ipRanges": null},
+        "ipam": {"type": "host-local", "routes": null, "dataDir": f.dir.path(), "resolvConf": "",
+                 "ranges": [[{"subnet": "10.70.0.0/24", "rangeStart": null, "rangeEnd": null, "gateway": null}]]}
+    });
+    assert_eq!(f.add_ip("c1", &conf), "10.70.0.2/24");
+    f.ours("CHECK", "c1", "eth0", &conf).ok();
+    f.del("c1", &conf);
+    let mut no_ranges = conf.clone();
+    no_ranges["ipam"]["ranges"] = Value::Null;
+    assert_eq!(f.add("c2", &no_ranges).err().msg, "no IP ranges specified");
+}
+
+/// An empty dataDir is the default directory, as in the reference (not the cwd).
+#[test]
+fn empty_data_dir_means_the_default() {
+    let Some(f) = Fixture::new() else { return };
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let state = Cleanup(Path::new("/var/lib/cni/networks").join(&f.name));
+    let conf = json!({"cniVersion": "1.0.0", "name": f.name,
+        "ipam": {"type": "host-local", "dataDir": "", "subnet": "10.71.0.0/24"}});
+    f.add_ip("c1", &conf);
+    assert_eq!(
+        std::fs::read(state.0.join("10.71.0.2")).unwrap(),
+        b"c1\r\neth0"
+    );
+    f.del("c1", &conf);
+    assert!(!state.0.join("10.71.0.2").exists());
+}
+
+#[test]
+fn routes_pass_through_verbatim() {
+    let Some(f) = Fixture::new() else { return };
+    let routes = json!([
+        {"dst": "10.1.2.3/16", "gw": "10.72.0.1", "mtu": 1400, "advmss": 1360, "priority": 5, "table": 100, "scope": 253},
+        {"dst": "::/0"}
+    ]);
+    let conf = f.conf_v(
+        "1.1.0",
+        json!({"ranges": [[{"subnet": "10.72.0.0/24"}]], "routes": routes}),
+    );
+    assert_eq!(f.add("c1", &conf).ok()["routes"], routes);
+}
+
+/// The reference accepts bounds on the network and broadcast addresses and then
+/// hands them out; we accept the config but never give those addresses away.
+#[test]
+fn network_and_broadcast_bounds_are_never_handed_out() {
+    let Some(f) = Fixture::new() else { return };
+    let conf = f.conf(json!({"ranges": [[{"subnet": "10.73.0.0/30", "rangeStart": "10.73.0.0", "rangeEnd": "10.73.0.3"}]]}));
+    assert_eq!(f.add_ip("c1", &conf), "10.73.0.2/30");
+    assert!(
+        f.add("c2", &conf)
+            .err()
+            .msg
+            .ends_with("10.73.0.1-10.73.0.2")
+    );
+}
+
+#[test]
+fn gc_takes_the_legacy_key_and_needs_one() {
+    let Some(f) = Fixture::new() else { return };
+    let conf = f.subnet("10.98.0.0/24");
+    f.add_ip("c1", &conf);
+    f.add_ip("c2", &conf);
+    let mut gc = f.subnet("10.98.0.0/24");
+    gc["cniVersion"] = json!("1.1.0");
+    let run = |c: &Value| {
+        Invocation::plugin("host-local")
+            .command("GC")
+            .path(&[bin_dir()])
+            .stdin_json(c)
+            .run()
+    };
+    let e = run(&gc).err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (7, "GC needs cni.dev/valid-attachments in the config")
+    );
+    assert_eq!(
+        f.reservations().len(),
+        2,
+        "a GC without a list releases nothing"
+    );
+    gc["cni.dev/attachments"] = json!([{"containerID": "c2", "ifname": "eth0"}]);
+    run(&gc).ok();
+    let left: Vec<String> = f.reservations().into_keys().collect();
+    assert_eq!(left, ["10.98.0.3"]);
+    let status = Invocation::plugin("host-local")
+        .command("STATUS")
+        .stdin_json(&conf)
+        .run()
+        .err();
+    assert_eq!(
+        (status.code, status.msg.as_str()),
+        (1, "config version does not allow STATUS")
+    );
+}
+
+/// A reservation file left empty by a crash mid-write is someone's address: ADD
+/// skips it, DEL and CHECK of others are unaffected, GC (h31) reclaims it.
+#[test]
+fn torn_reservation_files_are_skipped() {
+    let Some(f) = Fixture::new() else { return };
+    let conf = f.subnet("10.74.0.0/24");
+    std::fs::create_dir_all(f.net_dir()).unwrap();
+    std::fs::write(f.net_dir().join("10.74.0.2"), "").unwrap();
+    assert_eq!(f.add_ip("c1", &conf), "10.74.0.3/24");
+    f.ours("CHECK", "c1", "eth0", &conf).ok();
+    f.del("c1", &conf);
+    assert_eq!(
+        f.reservations().into_keys().collect::<Vec<_>>(),
+        ["10.74.0.2"]
+    );
+}
+
+/// Both implementations on one network at once, each DELeting the other's pods:
+/// distinct addresses under contention, nothing left at the end.
+#[test]
+fn concurrent_mixed_with_reference() {
+    let Some(f) = Fixture::new() else { return };
+    if !reference_dir().join("host-local").exists() {
+        eprintln!("skipping: reference host-local not installed");
+        return;
+    }
+    let conf = f.subnet("10.75.0.0/24");
+    let bin = |i: usize| {
+        if i % 2 == 0 {
+            bin_dir()
+        } else {
+            reference_dir()
+        }
+    };
+    let run_all = |cmd: &'static str, pick: fn(usize) -> usize| -> Vec<Outcome> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..60)
+                .map(|i| {
+                    let (f, conf, dir) = (&f, &conf, bin(pick(i)));
+                    s.spawn(move || f.call(&dir, cmd, &format!("m{i}"), "eth0", conf).run())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let added = run_all("ADD", |i| i);
+    let ips: std::collections::HashSet<String> = added
+        .iter()
+        .map(|o| o.ok()["ips"][0]["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ips.len(), 60);
+    assert_eq!(f.reservations().len(), 60);
+    for o in run_all("DEL", |i| i + 1) {
+        o.ok();
+    }
+    assert!(f.reservations().is_empty(), "{:?}", f.reservations());
 }

@@ -1,6 +1,6 @@
 //! Reference §7.1 (protocol / skel cases P01–P22) against our `host-local` binary,
-//! with weft's expected behaviour (not the 1.1.1 column). Also: refusing the plugin's
-//! own netns, and a CNI_NETNS that does not exist.
+//! with weft's expected behaviour (not the 1.1.1 column). Also: CNI_NETNS values
+//! an IPAM plugin must not trip over.
 //!
 //! P21 (prevResult of another version is converted) is covered by weft-core's unit
 //! tests and does not apply to host-local, which ignores prevResult. P22 is skipped.
@@ -379,23 +379,21 @@ fn p20_result_shape_per_version() {
     }
 }
 
+/// IPAM never enters the pod's netns, so like the reference it does not care what
+/// CNI_NETNS names: the main plugin vets it. (The refusal of the plugin's own
+/// netns for plugins that do enter it is covered by weft-core's skel tests.)
 #[test]
-fn refuses_the_plugins_own_netns_before_acting() {
-    let Some(t) = Case::new("ownns") else { return };
-    // In the plugin's process this resolves to the plugin's own (the host's) netns.
-    // The plugin must refuse before doing anything, which is why this is the one
-    // test allowed to point a plugin at the host.
-    let out = t.run("ADD").netns("/proc/self/ns/net").run();
-    assert_eq!(out.err().code, 4, "{out}");
-    assert!(t.state_files().is_empty(), "{:?}", t.state_files());
-}
-
-#[test]
-fn missing_netns_path_is_code_3_on_add_and_fine_on_del() {
-    let Some(t) = Case::new("gonens") else { return };
+fn ipam_ignores_what_cni_netns_names() {
+    let Some(t) = Case::new("anyns") else { return };
     let gone = t.data.join("no-such-netns");
-    let out = t.run("ADD").netns(&gone).run();
-    assert_eq!(out.err().code, 3, "{out}");
-    assert!(t.state_files().is_empty(), "{:?}", t.state_files());
-    assert_eq!(t.run("DEL").netns(&gone).run().ok(), Value::Null);
+    for netns in [gone.display().to_string(), "/proc/self/ns/net".into()] {
+        t.run("ADD").netns(&netns).run().ok();
+        t.run("CHECK").netns(&netns).run().ok();
+        assert_eq!(t.run("DEL").netns(&netns).run().ok(), Value::Null);
+        assert!(
+            t.state_files().iter().all(|f| !f.contains("/10.")),
+            "{:?}",
+            t.state_files()
+        );
+    }
 }

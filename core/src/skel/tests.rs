@@ -6,9 +6,16 @@ use std::collections::HashMap;
 #[derive(Default)]
 struct Probe {
     ran: std::cell::RefCell<Vec<&'static str>>,
+    /// Behave like an IPAM plugin: never enter the netns.
+    ipam: bool,
+    /// ADD answers a result without addresses (an L2 attachment).
+    no_ips: bool,
 }
 
 impl Plugin for Probe {
+    fn uses_netns(&self) -> bool {
+        !self.ipam
+    }
     fn add(&self, _: &Request) -> Result<CniResult> {
         self.ran.borrow_mut().push("add");
         let ip = IpConfig {
@@ -16,13 +23,19 @@ impl Plugin for Probe {
             address: "10.0.0.2/24".parse().unwrap(),
             gateway: None,
         };
+        let ips = if self.no_ips { vec![] } else { vec![ip] };
         Ok(CniResult {
-            ips: vec![ip],
+            ips,
             ..Default::default()
         })
     }
-    fn del(&self, _: &Request) -> Result<()> {
-        self.ran.borrow_mut().push("del");
+    fn del(&self, req: &Request) -> Result<()> {
+        let what = if req.env.netns.is_empty() {
+            "del-without-netns"
+        } else {
+            "del"
+        };
+        self.ran.borrow_mut().push(what);
         Ok(())
     }
     fn check(&self, _: &Request) -> Result<()> {
@@ -57,7 +70,14 @@ fn full_env(cmd: &str) -> HashMap<&'static str, String> {
 
 /// Run the skel; returns (status, stdout, verbs run).
 fn go(env: &HashMap<&'static str, String>, stdin: &str) -> (i32, String, Vec<&'static str>) {
-    let p = Probe::default();
+    go_with(Probe::default(), env, stdin)
+}
+
+fn go_with(
+    p: Probe,
+    env: &HashMap<&'static str, String>,
+    stdin: &str,
+) -> (i32, String, Vec<&'static str>) {
     let mut out = Vec::new();
     let var = |k: &str| env.get(k).cloned();
     let status = run(&ABOUT, &p, &var, &mut stdin.as_bytes(), &mut out);
@@ -277,7 +297,7 @@ fn error_reply_carries_config_version() {
 
 #[test]
 fn own_netns_is_refused_before_acting() {
-    for cmd in ["ADD", "CHECK", "DEL"] {
+    for cmd in ["ADD", "CHECK"] {
         let mut env = full_env(cmd);
         env.insert("CNI_NETNS", "/proc/self/ns/net".into());
         let (code, msg, _) = err_of(&env, CONF);
@@ -287,15 +307,65 @@ fn own_netns_is_refused_before_acting() {
 }
 
 #[test]
-fn missing_netns_fails_add_but_not_del() {
+fn del_without_a_usable_netns_still_cleans_up() {
+    for netns in [
+        "/proc/self/ns/net",
+        "/run/netns/weft-does-not-exist",
+        "/etc/hostname",
+        "",
+    ] {
+        let mut env = full_env("DEL");
+        env.insert("CNI_NETNS", netns.into());
+        assert_eq!(
+            go(&env, CONF),
+            (0, String::new(), vec!["del-without-netns"]),
+            "{netns:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_netns_fails_add_and_check() {
+    for cmd in ["ADD", "CHECK"] {
+        let mut env = full_env(cmd);
+        env.insert("CNI_NETNS", "/run/netns/weft-does-not-exist".into());
+        assert_eq!(err_of(&env, CONF).0, 3, "{cmd}");
+        env.insert("CNI_NETNS", "/etc/hostname".into());
+        assert_eq!(err_of(&env, CONF).0, 4, "{cmd}");
+    }
+}
+
+#[test]
+fn plugins_that_never_enter_the_netns_are_not_held_to_it() {
     let mut env = full_env("ADD");
-    env.insert("CNI_NETNS", "/run/netns/weft-does-not-exist".into());
-    assert_eq!(err_of(&env, CONF).0, 3);
+    env.insert("CNI_NETNS", "/proc/self/ns/net".into());
+    let ipam = || Probe {
+        ipam: true,
+        ..Default::default()
+    };
+    assert_eq!(go_with(ipam(), &env, CONF).2, vec!["add"]);
     env.insert("CNI_COMMAND", "DEL".into());
-    let (status, out, ran) = go(&env, CONF);
-    assert_eq!((status, out.as_str(), ran), (0, "", vec!["del"]));
-    env.remove("CNI_NETNS");
-    assert_eq!(go(&env, CONF).2, vec!["del"]);
+    assert_eq!(
+        go_with(ipam(), &env, CONF).2,
+        vec!["del"],
+        "the netns is passed on untouched"
+    );
+}
+
+#[test]
+fn add_whose_result_cannot_be_expressed_is_rolled_back() {
+    let env = full_env("ADD");
+    let l2 = Probe {
+        ipam: true,
+        no_ips: true,
+        ..Default::default()
+    };
+    let (status, out, ran) = go_with(l2, &env, r#"{"cniVersion":"0.2.0","name":"n"}"#);
+    assert_eq!((status, ran), (1, vec!["add", "del"]));
+    assert!(
+        out.contains("cannot convert: no valid IP addresses"),
+        "{out}"
+    );
 }
 
 #[test]

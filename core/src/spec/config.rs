@@ -11,13 +11,21 @@ use serde_json::{Map, Value};
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
     /// Empty means 0.1.0, as libcni decodes it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     pub cni_version: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub cni_versions: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     pub name: String,
-    #[serde(default, rename = "type")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        rename = "type"
+    )]
     pub plugin_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipam: Option<Value>,

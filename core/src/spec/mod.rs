@@ -21,6 +21,16 @@ pub fn to_pretty_json<T: Serialize>(value: &T) -> String {
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
+/// Serde helper: `null` reads as the type's zero value, as Go's encoding/json does.
+/// Configs written by Go tools carry `"routes": null`, `"dns": {"nameservers": null}`…
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// Serde helper: deserialize a bool that may also be written as "true"/"false"
 /// (libcni accepts both for disableCheck, disableGC, loadOnlyInlinedPlugins).
 pub(crate) fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {

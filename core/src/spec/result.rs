@@ -20,18 +20,35 @@ pub struct CniResult {
 #[serde(rename_all = "camelCase")]
 pub struct Interface {
     pub name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub mac: String,
     /// 1.0.0+ only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub sandbox: String,
     /// 1.0.0+ only.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub socket_path: String,
     /// 1.0.0+ only.
-    #[serde(default, rename = "pciID", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        rename = "pciID",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub pci_id: String,
 }
 
@@ -79,13 +96,29 @@ impl Route {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Dns {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub nameservers: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub domain: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub search: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub options: Vec<String>,
 }
 
@@ -101,7 +134,11 @@ struct LegacyIp {
     ip: IpNet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gateway: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     routes: Vec<LegacyRoute>,
 }
 
@@ -115,13 +152,13 @@ struct LegacyRoute {
 /// The 0.3.0–1.1.0 document; `version` on ips exists only before 1.0.0 and is ignored on read.
 #[derive(Debug, Deserialize)]
 struct ModernDoc {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     interfaces: Vec<Interface>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     ips: Vec<IpConfig>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     routes: Vec<Route>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     dns: Dns,
 }
 
@@ -131,7 +168,7 @@ struct LegacyDoc {
     ip4: Option<LegacyIp>,
     #[serde(default)]
     ip6: Option<LegacyIp>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::spec::null_as_default")]
     dns: Dns,
 }
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use weft_core::error::{CniError, Result};
 use weft_core::skel::Request;
-use weft_core::spec::{Dns, Route};
+use weft_core::spec::{Dns, Route, null_as_default};
 use weft_core::version;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
@@ -17,7 +17,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawRange {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     subnet: String,
     range_start: Option<String>,
     range_end: Option<String>,
@@ -30,18 +30,27 @@ struct RawIpam {
     /// The legacy single-range form lives inline in `ipam`.
     #[serde(flatten)]
     legacy: RawRange,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     ranges: Vec<Vec<RawRange>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     routes: Vec<RawRoute>,
-    data_dir: Option<PathBuf>,
-    resolv_conf: Option<PathBuf>,
+    /// Empty means unset, as Go reads a zero value.
+    #[serde(default, deserialize_with = "null_as_default")]
+    data_dir: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    resolv_conf: String,
 }
 
+/// A route as written; every field of the 1.1.0 route is passed through.
 #[derive(Debug, Deserialize)]
 struct RawRoute {
     dst: String,
     gw: Option<String>,
+    mtu: Option<u32>,
+    advmss: Option<u32>,
+    priority: Option<u32>,
+    table: Option<u32>,
+    scope: Option<u32>,
 }
 
 /// A validated host-local config.
@@ -72,19 +81,29 @@ pub fn data_dir_of(req: &Request) -> Option<PathBuf> {
         .as_ref()?
         .get("dataDir")
         .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_DATA_DIR);
-    Some(PathBuf::from(dir).join(&req.conf.name))
+        .unwrap_or_default();
+    Some(network_dir(dir, &req.conf.name))
+}
+
+/// `<dataDir>/<network>`, with the default for an empty dataDir.
+fn network_dir(data_dir: &str, network: &str) -> PathBuf {
+    let base = if data_dir.is_empty() {
+        DEFAULT_DATA_DIR
+    } else {
+        data_dir
+    };
+    PathBuf::from(base).join(network)
 }
 
 /// Parse and validate everything ADD, CHECK and STATUS need.
 pub fn load(req: &Request) -> Result<IpamConfig> {
     let raw = RawIpam::deserialize(ipam_value(req)?)
         .map_err(|e| CniError::decode(format!("failed to parse ipam config: {e}")))?;
-    let mut raw_sets: Vec<Vec<RawRange>> = Vec::new();
-    if let Some(v) = req.conf.runtime("ipRanges") {
-        raw_sets = Vec::deserialize(v)
-            .map_err(|e| CniError::decode(format!("invalid runtimeConfig.ipRanges: {e}")))?;
-    }
+    let mut raw_sets: Vec<Vec<RawRange>> = match req.conf.runtime("ipRanges") {
+        Some(v) => null_as_default(v)
+            .map_err(|e| CniError::decode(format!("invalid runtimeConfig.ipRanges: {e}")))?,
+        None => Vec::new(),
+    };
     if !raw.legacy.subnet.is_empty() {
         raw_sets.push(vec![raw.legacy]);
     }
@@ -95,16 +114,13 @@ pub fn load(req: &Request) -> Result<IpamConfig> {
         .into_iter()
         .map(parse_route)
         .collect::<Result<_>>()?;
-    let dns = match raw.resolv_conf {
-        Some(p) => crate::dns::parse_resolv_conf(&p)?,
-        None => Dns::default(),
+    let dns = match raw.resolv_conf.as_str() {
+        "" => Dns::default(),
+        path => crate::dns::parse_resolv_conf(path.as_ref())?,
     };
     Ok(IpamConfig {
         network: req.conf.name.clone(),
-        data_dir: raw
-            .data_dir
-            .unwrap_or_else(|| DEFAULT_DATA_DIR.into())
-            .join(&req.conf.name),
+        data_dir: network_dir(&raw.data_dir, &req.conf.name),
         sets,
         routes,
         dns,
@@ -163,6 +179,7 @@ fn parse_cidr(s: &str) -> Result<IpNet> {
 }
 
 fn parse_route(r: RawRoute) -> Result<Route> {
+    // Kept as written (host bits included), as the reference returns it.
     let dst = parse_cidr(&r.dst)?;
     let gw = r.gw.filter(|s| !s.is_empty());
     let gw = gw
@@ -171,7 +188,16 @@ fn parse_route(r: RawRoute) -> Result<Route> {
                 .map_err(|_| CniError::config(format!("invalid route gateway {g:?}")))
         })
         .transpose()?;
-    Ok(Route::new(dst.trunc(), gw))
+    let (mtu, advmss, priority, table, scope) = (r.mtu, r.advmss, r.priority, r.table, r.scope);
+    Ok(Route {
+        dst,
+        gw,
+        mtu,
+        advmss,
+        priority,
+        table,
+        scope,
+    })
 }
 
 /// Requested addresses, by the conventions' precedence: `runtimeConfig.ips`, else
@@ -183,7 +209,7 @@ fn requested_ips(req: &Request) -> Result<Vec<IpAddr>> {
         ("args.cni.ips", req.conf.cni_arg("ips")),
     ] {
         let Some(value) = value else { continue };
-        let list = Vec::<String>::deserialize(value)
+        let list: Vec<String> = null_as_default(value)
             .map_err(|e| CniError::decode(format!("{source} must be a list of strings: {e}")))?;
         if !list.is_empty() {
             return parse_ip_list(list.iter().map(String::as_str), |s| {

@@ -7,6 +7,10 @@ use weft_core::spec::CniResult;
 struct HostLocal;
 
 impl Plugin for HostLocal {
+    /// IPAM only touches its data directory; the pod's netns is the main plugin's.
+    fn uses_netns(&self) -> bool {
+        false
+    }
     fn add(&self, req: &Request) -> Result<CniResult> {
         host_local::add(req)
     }

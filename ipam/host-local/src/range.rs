@@ -55,23 +55,22 @@ impl Range {
             IpNet::V6(_) => subnet.broadcast(),
         };
         let inside = |what: &str, ip: IpAddr| {
-            if subnet.contains(&ip)
-                && ip != net
-                && (ip != subnet.broadcast() || subnet.addr().is_ipv6())
-            {
+            if subnet.contains(&ip) {
                 Ok(ip)
             } else {
                 Err(format!("{what} {ip} not in network {subnet}"))
             }
         };
-        let start = start
-            .map(|ip| inside("rangeStart", ip))
-            .transpose()?
-            .unwrap_or(first);
-        let end = end
-            .map(|ip| inside("rangeEnd", ip))
-            .transpose()?
-            .unwrap_or(last);
+        // The reference accepts bounds on the network and IPv4 broadcast addresses
+        // and then hands those out; we accept the same configs but never do.
+        let start = match start.map(|ip| inside("rangeStart", ip)).transpose()? {
+            Some(ip) if ip != net => ip,
+            _ => first,
+        };
+        let end = match end.map(|ip| inside("rangeEnd", ip)).transpose()? {
+            Some(ip) if ip != subnet.broadcast() || subnet.addr().is_ipv6() => ip,
+            _ => last,
+        };
         let gateway = gateway
             .map(|ip| inside("gateway", ip))
             .transpose()?
@@ -226,9 +225,17 @@ mod tests {
             bad("10.96.1.0/24", Some("10.96.2.5"), None, None),
             "rangeStart 10.96.2.5 not in network 10.96.1.0/24"
         );
+        let edges = Range::new(
+            "10.96.1.0/24".parse().unwrap(),
+            Some(ip("10.96.1.0")),
+            Some(ip("10.96.1.255")),
+            None,
+        );
+        let edges = edges.unwrap();
         assert_eq!(
-            bad("10.96.1.0/24", None, Some("10.96.1.255"), None),
-            "rangeEnd 10.96.1.255 not in network 10.96.1.0/24"
+            (edges.start, edges.end),
+            (ip("10.96.1.1"), ip("10.96.1.254")),
+            "never the network or broadcast"
         );
         assert_eq!(
             bad("10.96.1.0/24", Some("10.96.1.50"), Some("10.96.1.10"), None),

@@ -57,8 +57,10 @@ impl Owner {
 /// trusted only if the directory's mtime and every reservation's (name, inode) are
 /// what they were when it was written: ext4 and xfs change the mtime on every
 /// create/unlink, and tmpfs (whose mtime can miss a change) never reuses an inode
-/// number soon. Anything else (another implementation, a person) makes the next
-/// operation read all files again.
+/// number soon. So any reservation created or removed behind our back (by the
+/// reference plugin, a person, a restore) makes the next operation read all files
+/// again. A file rewritten in place (`printf … > 10.0.0.5`) keeps its inode and is
+/// not noticed: delete `.weft-owners` after editing reservations by hand.
 pub struct Store {
     dir: PathBuf,
     owners: BTreeMap<IpAddr, Owner>,
@@ -130,7 +132,11 @@ impl Store {
         };
         self.owners.insert(ip, owner);
         self.dirty = true;
-        self.write_last_reserved(ip, set)?;
+        // The caller only rolls back what reserve() reported as taken.
+        if let Err(e) = self.write_last_reserved(ip, set) {
+            let _ = self.release(ip);
+            return Err(e);
+        }
         Ok(true)
     }
 
