@@ -1103,7 +1103,7 @@ fn concurrent_mixed_with_reference() {
     }
     let conf = f.subnet("10.75.0.0/24");
     let bin = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             bin_dir()
         } else {
             reference_dir()
