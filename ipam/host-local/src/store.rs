@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, DirEntryExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, DirEntryExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use weft_core::error::{CniError, Result};
 
@@ -194,31 +194,31 @@ impl Store {
     /// mtime), stamped with the mtime the directory has once this operation is done.
     fn write_cache(&self) -> std::io::Result<()> {
         let path = self.dir.join(CACHE);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
             .open(&path)?;
         let entries = reservation_entries(&self.dir)?;
-        let mut text = format!("{CACHE_HEADER}\ndirmtime {}\n", dir_stamp(&self.dir)?);
+        let mut body = format!("{CACHE_HEADER}\ndirmtime {}\n", dir_stamp(&self.dir)?);
+        // A file we did not expect means our view is off: no trailer, no trust.
+        let complete = entries.len() == self.owners.len()
+            && self.owners.keys().all(|ip| entries.contains_key(ip));
         for (ip, owner) in &self.owners {
-            // A file we did not expect means our view is off: leave the cache incomplete.
-            let Some(ino) = entries.get(ip) else {
-                return Ok(());
-            };
+            let ino = entries.get(ip).copied().unwrap_or_default();
             match owner {
                 Owner::Attachment {
                     container_id,
                     ifname,
-                } => text += &format!("{ip}\t{ino}\t{container_id}\t{ifname}\n"),
-                Owner::Legacy { container_id } => text += &format!("{ip}\t{ino}\t{container_id}\n"),
+                } => body += &format!("{ip}\t{ino}\t{container_id}\t{ifname}\n"),
+                Owner::Legacy { container_id } => body += &format!("{ip}\t{ino}\t{container_id}\n"),
             }
         }
-        if entries.len() == self.owners.len() {
-            text += "end\n";
+        if complete {
+            body += &format!("end {:016x}\n", fnv1a(body.as_bytes()));
         }
-        file.write_all(text.as_bytes())
+        overwrite(&file, body.as_bytes())
     }
 }
 
@@ -235,14 +235,29 @@ impl Drop for Store {
     }
 }
 
+/// Replace a small file's content without truncating it to zero first: ext4 flushes
+/// a file on close after a truncate-to-zero-and-rewrite (auto_da_alloc), which
+/// costs more than the rest of an ADD. A torn write is caught by its reader.
 fn write_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o600)
-        .open(path)?
-        .write_all(bytes)
+        .open(path)?;
+    overwrite(&file, bytes)
+}
+
+fn overwrite(file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    file.write_all_at(bytes, 0)?;
+    file.set_len(bytes.len() as u64)
+}
+
+/// FNV-1a: enough to tell a complete cache from a torn one.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The directory's mtime to the nanosecond. Any file created or removed in it changes it.
@@ -271,14 +286,13 @@ fn reservation_entries(dir: &Path) -> std::io::Result<BTreeMap<IpAddr, u64>> {
 /// The cached owners, if the cache is complete and describes `entries` exactly.
 fn read_cache(dir: &Path, entries: &BTreeMap<IpAddr, u64>) -> Option<BTreeMap<IpAddr, Owner>> {
     let text = std::fs::read_to_string(dir.join(CACHE)).ok()?;
-    let mut lines = text.lines();
+    let (body, sum) = text.rsplit_once("end ")?;
+    (sum.trim_end() == format!("{:016x}", fnv1a(body.as_bytes()))).then_some(())?;
+    let mut lines = body.lines();
     (lines.next()? == CACHE_HEADER).then_some(())?;
     (lines.next()?.strip_prefix("dirmtime ")? == dir_stamp(dir).ok()?).then_some(())?;
     let mut owners = BTreeMap::new();
     for line in lines {
-        if line == "end" {
-            return (owners.len() == entries.len()).then_some(owners);
-        }
         let mut f = line.split('\t');
         let ip: IpAddr = f.next()?.parse().ok()?;
         let ino: u64 = f.next()?.parse().ok()?;
@@ -293,7 +307,7 @@ fn read_cache(dir: &Path, entries: &BTreeMap<IpAddr, u64>) -> Option<BTreeMap<Ip
         };
         owners.insert(ip, owner);
     }
-    None // no trailer: a write was cut short
+    (owners.len() == entries.len()).then_some(owners)
 }
 
 /// Read every reservation file.
@@ -358,6 +372,12 @@ mod tests {
             .cloned()
     }
 
+    /// The cache text with its checksum recomputed after an edit.
+    fn reseal(text: &str) -> String {
+        let body = text.rsplit_once("end ").unwrap().0;
+        format!("{body}end {:016x}\n", fnv1a(body.as_bytes()))
+    }
+
     /// A directory where c1/eth0 holds 10.0.0.2, and the path of its cache.
     fn one_reservation(tag: &str) -> (Dir, PathBuf) {
         let d = Dir::new("/tmp", tag).unwrap();
@@ -372,9 +392,9 @@ mod tests {
     fn cache_is_used_while_the_directory_is_unchanged() {
         let (d, cache) = one_reservation("used");
         let text = std::fs::read_to_string(&cache).unwrap();
-        assert!(text.ends_with("\tc1\teth0\nend\n"), "{text}");
+        assert!(text.contains("\tc1\teth0\nend "), "{text}");
         // An in-place edit of the cache does not touch the directory: it is believed.
-        write_in_place(&cache, text.replace("\tc1\t", "\tc9\t").as_bytes()).unwrap();
+        write_in_place(&cache, reseal(&text.replace("\tc1\t", "\tc9\t")).as_bytes()).unwrap();
         assert!(owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c9", "eth0"));
     }
 
@@ -384,10 +404,16 @@ mod tests {
         let text = std::fs::read_to_string(&cache)
             .unwrap()
             .replace("\tc1\t", "\tc9\t");
-        write_in_place(&cache, text.trim_end_matches("end\n").as_bytes()).unwrap();
+        let body = text.rsplit_once("end ").unwrap().0;
+        write_in_place(&cache, body.as_bytes()).unwrap();
         assert!(
             owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c1", "eth0"),
             "no trailer: rescanned"
+        );
+        write_in_place(&cache, text.as_bytes()).unwrap();
+        assert!(
+            owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c1", "eth0"),
+            "edited without a matching checksum: rescanned"
         );
         write_in_place(&cache, b"garbage").unwrap();
         assert!(owner_of(&d.0, "10.0.0.2").unwrap().is_exactly("c1", "eth0"));
