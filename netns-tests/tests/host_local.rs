@@ -1132,3 +1132,27 @@ fn concurrent_mixed_with_reference() {
     }
     assert!(f.reservations().is_empty(), "{:?}", f.reservations());
 }
+
+/// P21/P22 through CHECK: a prevResult of another supported version is converted,
+/// one without cniVersion takes the config's, an unknown version is code 1.
+#[test]
+fn check_reads_prev_result_of_any_version() {
+    let Some(f) = Fixture::new() else { return };
+    let conf = f.subnet("10.76.0.0/24");
+    let mut result = f.add("c1", &conf).ok();
+    result.as_object_mut().unwrap().remove("cniVersion");
+    let check = |prev: Value| {
+        let mut c = conf.clone();
+        c["prevResult"] = prev;
+        f.ours("CHECK", "c1", "eth0", &c)
+    };
+    check(result).ok();
+    check(json!({"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.76.0.2/24"}]}))
+        .ok();
+    check(json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.76.0.2/24"}})).ok();
+    assert_eq!(check(json!({"cniVersion": "9.9.9"})).err().code, 1);
+    assert_eq!(
+        check(json!({"cniVersion": "1.0.0", "ips": "x"})).err().code,
+        6
+    );
+}

@@ -2,8 +2,8 @@
 //! with weft's expected behaviour (not the 1.1.1 column). Also: CNI_NETNS values
 //! an IPAM plugin must not trip over.
 //!
-//! P21 (prevResult of another version is converted) is covered by weft-core's unit
-//! tests and does not apply to host-local, which ignores prevResult. P22 is skipped.
+//! P21 and P22 (a prevResult of another version, or without one) are covered by
+//! weft-core's unit tests and, through CHECK, by host_local.rs.
 
 use netns_tests::{Invocation, Outcome, TempDir, TestNetns, bin_dir, require_root, unique_name};
 use serde_json::{Value, json};
