@@ -233,6 +233,11 @@ fn run(args: &Args) -> Result<()> {
 
     println!();
     print_table(&results);
+    let floor = exec_floor(args.iterations.clamp(20, 200))?;
+    println!(
+        "exec floor: /bin/true spawned the same way, median {:.3} ms (no plugin can be faster)",
+        floor
+    );
     if let Some(path) = &args.json {
         let json = to_json(args, &impls, &binaries, &results);
         std::fs::write(path, format!("{json:#}\n"))
@@ -240,6 +245,27 @@ fn run(args: &Args) -> Result<()> {
         println!("\nJSON written to {}", path.display());
     }
     Ok(())
+}
+
+/// Median wall time of spawning `/bin/true` exactly as plugins are spawned: the part
+/// of every row that no implementation controls.
+fn exec_floor(runs: usize) -> Result<f64> {
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = std::time::Instant::now();
+        let status = std::process::Command::new("/bin/true")
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .context("spawning /bin/true")?
+            .status;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(status.success(), "/bin/true failed: {status}");
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
 }
 
 /// All iterations of one row, interleaved: ours then reference on even
