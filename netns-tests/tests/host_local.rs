@@ -1156,3 +1156,59 @@ fn check_reads_prev_result_of_any_version() {
         6
     );
 }
+
+/// host-local driven as a runtime drives a conflist: cached results, CHECK with the
+/// cached prevResult, GC that DELs cached attachments the runtime no longer lists
+/// and then forwards GC, reverse DEL that removes the cache.
+#[test]
+fn driven_through_the_conflist_driver() {
+    use netns_tests::driver::{Attachment, Driver};
+    let Some(f) = Fixture::new() else { return };
+    let list = json!({"cniVersion": "1.1.0", "name": f.name, "plugins": [
+        {"type": "host-local", "ipam": {"type": "host-local", "dataDir": f.dir.path(), "subnet": "10.77.0.0/24"}}
+    ]});
+    let cache = f.dir.join("cache");
+    let driver = Driver::from_json(&list, vec![bin_dir()], &cache).unwrap();
+    let ns = f.ns.path_str();
+    let pods: Vec<Attachment> = (1..=3)
+        .map(|i| Attachment::new(&format!("pod{i}"), &ns, "eth0"))
+        .collect();
+    for p in &pods {
+        driver.add(p).unwrap();
+        driver.check(p).unwrap();
+    }
+    assert!(driver.cache_path("pod1", "eth0").exists());
+    // A file the runtime's cache does not know about, as after a lost DEL.
+    std::fs::write(f.net_dir().join("10.77.0.99"), "lost\r\neth0").unwrap();
+    driver.gc(&[("pod1", "eth0")]).unwrap();
+    let left: Vec<String> = f.reservations().into_keys().collect();
+    assert_eq!(left, ["10.77.0.2"]);
+    assert!(
+        !driver.cache_path("pod2", "eth0").exists(),
+        "GC DELs stale cached attachments"
+    );
+    driver.status().unwrap();
+    driver.del(&pods[0]).unwrap();
+    assert!(f.reservations().is_empty());
+    assert!(!driver.cache_path("pod1", "eth0").exists());
+}
+
+/// Logs go to WEFT_LOG_FILE when set, never to stdout.
+#[test]
+fn logs_go_to_the_configured_file() {
+    let Some(f) = Fixture::new() else { return };
+    let log = f.dir.join("host-local.log");
+    let conf = f.subnet("10.78.0.0/29");
+    f.add_ip("c1", &conf);
+    let out = f
+        .call(&bin_dir(), "ADD", "c1", "eth0", &conf)
+        .var("WEFT_LOG_FILE", log.display().to_string())
+        .run();
+    assert_eq!(out.err().code, 101);
+    assert_eq!(out.stderr, "");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("host-local [") && text.contains("duplicate allocation is not allowed"),
+        "{text}"
+    );
+}
