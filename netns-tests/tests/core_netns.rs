@@ -20,7 +20,11 @@ fn run_enters_the_namespace_and_leaves_the_caller_alone() {
     assert!(!ns.is_current().unwrap());
     let inside = ns.run(|| ns_of("/proc/thread-self/ns/net")).unwrap();
     assert_eq!(inside, ns_of(&t.path_str()));
-    assert_eq!(ns_of("/proc/thread-self/ns/net"), ns_of("/proc/self/ns/net"), "the caller never moved");
+    assert_eq!(
+        ns_of("/proc/thread-self/ns/net"),
+        ns_of("/proc/self/ns/net"),
+        "the caller never moved"
+    );
 }
 
 #[test]
@@ -29,12 +33,18 @@ fn netlink_socket_is_bound_to_the_namespace() {
         return;
     }
     let t = TestNetns::new();
-    let sock = NetNs::open(t.path()).unwrap().netlink_socket(0 /* NETLINK_ROUTE */).unwrap();
+    let sock = NetNs::open(t.path())
+        .unwrap()
+        .netlink_socket(0 /* NETLINK_ROUTE */)
+        .unwrap();
     const SIOCGSKNS: libc::c_ulong = 0x894C;
     // SAFETY: SIOCGSKNS takes no argument and returns a new fd for the socket's netns.
     let ns_fd = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS) };
     assert!(ns_fd >= 0, "SIOCGSKNS: {}", std::io::Error::last_os_error());
-    assert_eq!(ns_of(&format!("/proc/self/fd/{ns_fd}")), ns_of(&t.path_str()));
+    assert_eq!(
+        ns_of(&format!("/proc/self/fd/{ns_fd}")),
+        ns_of(&t.path_str())
+    );
     // SAFETY: ns_fd was just returned to us and is closed exactly once.
     unsafe { libc::close(ns_fd) };
 }
