@@ -5,9 +5,11 @@ pub mod args;
 pub mod delegate;
 pub mod error;
 pub mod log;
+pub mod netlink;
 pub mod netns;
 pub mod skel;
 pub mod spec;
+pub mod sysctl;
 pub mod version;
 
 pub use error::{CniError, Result};

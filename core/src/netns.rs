@@ -91,6 +91,13 @@ impl NetNs {
     }
 }
 
+/// The namespace file's descriptor, e.g. to create a link directly inside it.
+impl AsRawFd for NetNs {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
