@@ -14,7 +14,8 @@ use rtnetlink::packet_core::ErrorMessage;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{
@@ -40,6 +41,10 @@ pub struct Link {
     pub peer: Option<u32>,
     /// Administratively up.
     pub up: bool,
+    pub promisc: bool,
+    /// For a bridge port: hairpin mode and port isolation.
+    pub hairpin: Option<bool>,
+    pub isolated: Option<bool>,
 }
 
 /// A route read back from the kernel.
@@ -232,6 +237,45 @@ impl Netlink {
         self.set(format!("setting the MAC of link #{index}"), msg)
     }
 
+    /// Delete bridge `index` unless some link is its port: undoing a bridge this ADD
+    /// created, without pulling it from under a concurrent ADD. Dumps all links
+    /// (a rollback path only).
+    pub fn delete_link_if_portless(&self, index: u32) -> Result<bool> {
+        let links: Vec<LinkMessage> = self
+            .block(self.handle.link().get().execute().try_collect())
+            .map_err(|e| fail("listing links", e))?;
+        if links
+            .into_iter()
+            .map(to_link)
+            .any(|l| l.controller == Some(index))
+        {
+            return Ok(false);
+        }
+        self.delete_link(index)
+    }
+
+    /// Bridge-port flags of `index` (a port of some bridge): hairpin and isolation.
+    pub fn set_bridge_port(&self, index: u32, hairpin: bool, isolated: bool) -> Result<()> {
+        let data = InfoPortData::BridgePort(vec![
+            InfoBridgePort::HairpinMode(hairpin),
+            InfoBridgePort::Isolated(isolated),
+        ]);
+        let msg = LinkUnspec::new_with_index(index)
+            .set_port_kind(InfoPortKind::Bridge)
+            .set_port_data(data)
+            .build();
+        // Port data travels in RTM_NEWLINK (change), which RTM_SETLINK ignores.
+        self.block(self.handle.link().change(msg).execute())
+            .map_err(|e| fail(format!("setting bridge-port flags of link #{index}"), e))
+    }
+
+    pub fn set_promisc(&self, index: u32, on: bool) -> Result<()> {
+        self.set(
+            format!("setting promiscuous mode of link #{index}"),
+            LinkUnspec::new_with_index(index).promiscuous(on).build(),
+        )
+    }
+
     /// Delete a link; `Ok(false)` if it was already gone.
     pub fn delete_link(&self, index: u32) -> Result<bool> {
         match self.block(self.handle.link().del(index).execute()) {
@@ -333,6 +377,9 @@ fn to_link(msg: LinkMessage) -> Link {
         controller: None,
         peer: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        promisc: msg.header.flags.contains(LinkFlags::Promisc),
+        hairpin: None,
+        isolated: None,
     };
     for attr in msg.attributes {
         match attr {
@@ -343,8 +390,12 @@ fn to_link(msg: LinkMessage) -> Link {
             LinkAttribute::Link(p) => link.peer = Some(p),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        link.kind = Some(kind_name(&kind));
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind_name(&kind)),
+                        LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                            read_port(&mut link, &port)
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -352,6 +403,16 @@ fn to_link(msg: LinkMessage) -> Link {
         }
     }
     link
+}
+
+fn read_port(link: &mut Link, port: &[InfoBridgePort]) {
+    for attr in port {
+        match attr {
+            InfoBridgePort::HairpinMode(on) => link.hairpin = Some(*on),
+            InfoBridgePort::Isolated(on) => link.isolated = Some(*on),
+            _ => {}
+        }
+    }
 }
 
 fn kind_name(kind: &InfoKind) -> String {

@@ -44,6 +44,8 @@ pub struct Invocation {
     binary: PathBuf,
     vars: Vec<(String, String)>,
     stdin: Vec<u8>,
+    /// Run the plugin inside this netns (as a node), via nsenter.
+    node: Option<PathBuf>,
 }
 
 impl Invocation {
@@ -53,6 +55,7 @@ impl Invocation {
             binary: binary.into(),
             vars: vec![("PATH".into(), PLUGIN_PATH_VAR.into())],
             stdin: Vec::new(),
+            node: None,
         }
     }
 
@@ -63,6 +66,13 @@ impl Invocation {
 
     pub fn binary(&self) -> &Path {
         &self.binary
+    }
+
+    /// Run the plugin itself inside `netns`, which then plays the node's (host's)
+    /// namespace: plugins that configure "the host" must never touch the real one.
+    pub fn in_netns(mut self, netns: impl AsRef<Path>) -> Self {
+        self.node = Some(netns.as_ref().to_path_buf());
+        self
     }
 
     /// Set (or replace) an environment variable.
@@ -137,7 +147,16 @@ impl Invocation {
             "build the plugins first: cargo build --release (looked for {})",
             self.binary.display()
         );
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.node {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.env_clear()
             .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())

@@ -237,3 +237,28 @@ fn sysctl_inside_a_pod_namespace() {
         "the host's value is untouched"
     );
 }
+
+#[test]
+fn bridge_port_flags_and_promisc() {
+    let Some(w) = world() else { return };
+    let br = w.node_nl.ensure_bridge("wbr2", None).unwrap();
+    assert!(
+        w.node_nl
+            .create_veth("wveth3", "eth0", &w.pod_ns, None, None)
+            .unwrap()
+    );
+    let port = w.node_nl.link_by_name("wveth3").unwrap().unwrap();
+    w.node_nl.set_controller(port.index, br.index).unwrap();
+    w.node_nl.set_bridge_port(port.index, true, true).unwrap();
+    let port = w.node_nl.link_by_index(port.index).unwrap().unwrap();
+    assert_eq!((port.hairpin, port.isolated), (Some(true), Some(true)));
+    w.node_nl.set_bridge_port(port.index, false, false).unwrap();
+    let port = w.node_nl.link_by_index(port.index).unwrap().unwrap();
+    assert_eq!((port.hairpin, port.isolated), (Some(false), Some(false)));
+    w.node_nl.set_promisc(br.index, true).unwrap();
+    assert!(w.node_nl.link_by_index(br.index).unwrap().unwrap().promisc);
+    let shown = w
+        .node
+        .exec_json(&["ip", "-j", "-d", "link", "show", "wveth3"]);
+    assert_eq!(shown[0]["linkinfo"]["info_slave_data"]["hairpin"], false);
+}

@@ -1,0 +1,396 @@
+//! The bridge plugin with host-local, run inside a "node" test netns with pods in
+//! other test namespaces: kernel state, traffic, CHECK, DEL, rollback.
+
+use netns_tests::{Invocation, Outcome, TempDir, TestNetns, bin_dir, require_root, unique_name};
+use serde_json::{Value, json};
+
+struct Node {
+    ns: TestNetns,
+    dir: TempDir,
+    name: String,
+}
+
+impl Node {
+    fn new() -> Option<Node> {
+        require_root().then(|| Node {
+            ns: TestNetns::new(),
+            dir: TempDir::new("br"),
+            name: unique_name("br"),
+        })
+    }
+
+    /// A bridge config on `bridge` with host-local over `subnets` (one set each).
+    fn conf(&self, bridge: &str, subnets: &[&str], extra: Value) -> Value {
+        let sets: Vec<Value> = subnets.iter().map(|s| json!([{"subnet": s}])).collect();
+        let mut c = json!({"cniVersion": "1.0.0", "name": self.name, "type": "bridge", "bridge": bridge,
+            "ipam": {"type": "host-local", "dataDir": self.dir.path(), "ranges": sets}});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    fn run(&self, cmd: &str, cid: &str, pod: &TestNetns, ifname: &str, conf: &Value) -> Outcome {
+        Invocation::plugin("bridge")
+            .in_netns(self.ns.path())
+            .command(cmd)
+            .container_id(cid)
+            .netns(pod.path())
+            .ifname(ifname)
+            .path(&[bin_dir()])
+            .stdin_json(conf)
+            .run()
+    }
+
+    fn links(&self) -> Vec<String> {
+        let links = self.ns.exec_json(&["ip", "-j", "link", "show"]);
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// host-local reservation files (named by an address) of this network.
+    fn reservations(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(self.dir.join(&self.name)) else {
+            return 0;
+        };
+        dir.flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .unwrap()
+                    .parse::<std::net::IpAddr>()
+                    .is_ok()
+            })
+            .count()
+    }
+}
+
+fn pod_links(pod: &TestNetns) -> Vec<String> {
+    let links = pod.exec_json(&["ip", "-j", "link", "show"]);
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ping(from: &TestNetns, to: &str) -> bool {
+    from.exec(&["ping", "-c", "1", "-W", "2", to])
+        .status
+        .success()
+}
+
+#[test]
+fn add_check_del_dual_stack() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf(
+        "wb0",
+        &["10.85.0.0/24", "fd85::/64"],
+        json!({"isDefaultGateway": true, "mtu": 1400}),
+    );
+    let result = node.run("ADD", "c1", &pod, "eth0", &conf).ok();
+    insta::assert_json_snapshot!("bridge_add_dual_stack", result, {
+        ".interfaces[].mac" => "[mac]",
+        ".interfaces[1].name" => "[veth]",
+        ".interfaces[2].sandbox" => "[netns]",
+    });
+    let veth = result["interfaces"][1]["name"].as_str().unwrap();
+    assert!(veth.len() == 12 && veth.starts_with("veth"), "{veth}");
+    assert_eq!(result["interfaces"][2]["sandbox"], pod.path_str());
+
+    let br = node
+        .ns
+        .exec_json(&["ip", "-j", "-d", "addr", "show", "wb0"]);
+    let addrs: Vec<&str> = br[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["local"].as_str().unwrap())
+        .collect();
+    assert!(
+        addrs.contains(&"10.85.0.1") && addrs.contains(&"fd85::1"),
+        "{addrs:?}"
+    );
+    let eth0 = pod.exec_json(&["ip", "-j", "-d", "link", "show", "eth0"]);
+    assert_eq!(
+        (
+            eth0[0]["mtu"].as_u64(),
+            eth0[0]["linkinfo"]["info_kind"].as_str()
+        ),
+        (Some(1400), Some("veth"))
+    );
+    let arp_notify = pod.exec_ok(&["cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify"]);
+    assert_eq!(arp_notify.trim(), "1");
+    assert!(ping(&pod, "10.85.0.1"), "pod reaches its gateway");
+
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = result.clone();
+    node.run("CHECK", "c1", &pod, "eth0", &with_prev).ok();
+    pod.exec_ok(&["ip", "addr", "del", "10.85.0.2/24", "dev", "eth0"]);
+    let e = node.run("CHECK", "c1", &pod, "eth0", &with_prev).err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (102, "failed to match addr 10.85.0.2/24 on interface eth0")
+    );
+
+    node.run("DEL", "c1", &pod, "eth0", &conf).ok();
+    assert_eq!(pod_links(&pod), ["lo"]);
+    assert!(
+        !node.links().iter().any(|l| l.starts_with("veth")),
+        "{:?}",
+        node.links()
+    );
+    assert_eq!(node.reservations(), 0);
+    node.run("DEL", "c1", &pod, "eth0", &conf).ok();
+}
+
+#[test]
+fn two_pods_talk_through_the_bridge() {
+    let Some(node) = Node::new() else { return };
+    let (a, b) = (TestNetns::new(), TestNetns::new());
+    let conf = node.conf("wb1", &["10.87.0.0/24"], json!({"isGateway": true}));
+    let ip_a = node.run("ADD", "a", &a, "eth0", &conf).ok()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ip_b = node.run("ADD", "b", &b, "eth0", &conf).ok()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ping(&a, ip_b.split('/').next().unwrap()), "a -> b");
+    assert!(ping(&b, ip_a.split('/').next().unwrap()), "b -> a");
+    for (cid, pod) in [("a", &a), ("b", &b)] {
+        node.run("DEL", cid, pod, "eth0", &conf).ok();
+    }
+}
+
+/// A failed ADD leaves nothing: no veth, no address, no bridge it created itself.
+#[test]
+fn failed_add_rolls_back() {
+    let Some(node) = Node::new() else { return };
+    let (a, b) = (TestNetns::new(), TestNetns::new());
+    let conf = node.conf("wb2", &["10.88.0.0/30"], json!({"isGateway": true}));
+    node.run("ADD", "a", &a, "eth0", &conf).ok(); // takes the only address
+    let e = node.run("ADD", "b", &b, "eth0", &conf).err();
+    assert_eq!(e.code, 100);
+    assert_eq!(pod_links(&b), ["lo"], "the pod's veth was removed");
+    assert_eq!(
+        node.links()
+            .iter()
+            .filter(|l| l.starts_with("veth"))
+            .count(),
+        1,
+        "{:?}",
+        node.links()
+    );
+    assert_eq!(node.reservations(), 1);
+
+    // A bridge this ADD created is removed with it.
+    let fresh = node.conf("wb3", &["10.89.0.0/24"], json!({"ipam": {"type": "nope"}}));
+    let e = node.run("ADD", "c", &b, "eth0", &fresh).err();
+    assert!(
+        e.msg.starts_with("failed to find plugin \"nope\""),
+        "{}",
+        e.msg
+    );
+    assert!(
+        !node.links().contains(&"wb3".to_string()),
+        "{:?}",
+        node.links()
+    );
+    assert_eq!(pod_links(&b), ["lo"]);
+}
+
+#[test]
+fn existing_ifname_fails_before_ipam() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf("wb4", &["10.90.0.0/24"], json!({}));
+    node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let e = node.run("ADD", "b", &pod, "eth0", &conf).err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (4, "container veth name provided (eth0) already exists")
+    );
+    assert_eq!(node.reservations(), 1, "no address was taken");
+}
+
+#[test]
+fn l2_mode_and_requested_mac() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = json!({"cniVersion": "1.0.0", "name": node.name, "type": "bridge", "bridge": "wb5",
+        "runtimeConfig": {"mac": "0a:58:0a:55:00:09"}});
+    let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    assert!(r.get("ips").is_none(), "{r}");
+    assert_eq!(r["interfaces"][2]["mac"], "0a:58:0a:55:00:09");
+    let eth0 = pod.exec_json(&["ip", "-j", "link", "show", "eth0"]);
+    assert!(eth0[0]["flags"].as_array().unwrap().contains(&json!("UP")));
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = r;
+    node.run("CHECK", "a", &pod, "eth0", &with_prev).ok();
+    let e = node
+        .run(
+            "ADD",
+            "b",
+            &pod,
+            "eth1",
+            &node.conf(
+                "wb5",
+                &["10.91.0.0/24"],
+                json!({"cniVersion": "0.2.0", "ipam": {}}),
+            ),
+        )
+        .err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (6, "cannot convert: no valid IP addresses")
+    );
+    assert_eq!(
+        pod_links(&pod),
+        ["lo", "eth0"],
+        "the 0.2.0 L2 ADD was undone"
+    );
+    node.run("DEL", "a", &pod, "eth0", &conf).ok();
+}
+
+#[test]
+fn bad_configs_change_nothing() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let cases = [
+        (json!({"hairpinMode": true, "promiscMode": true}), 7),
+        (json!({"vlan": 5000}), 7),
+        (json!({"vlan": 10}), 2),
+        (json!({"macspoofchk": true}), 2),
+        (json!({"ipMasq": true}), 2),
+        (json!({"ipMasqBackend": "iptables"}), 2),
+        (json!({"mtu": 10}), 7),
+        (json!({"bridge": "a-bridge-name-too-long"}), 7),
+        (json!({"disableContainerInterface": true}), 7),
+        (json!({"runtimeConfig": {"mac": "zz:zz"}}), 7),
+        (json!({"isGateway": "yes"}), 6),
+    ];
+    for (extra, code) in cases {
+        let e = node
+            .run(
+                "ADD",
+                "a",
+                &pod,
+                "eth0",
+                &node.conf("wb6", &["10.92.0.0/24"], extra.clone()),
+            )
+            .err();
+        assert_eq!(e.code, code, "{extra}: {}", e.msg);
+        assert_eq!(node.links(), ["lo"], "{extra}");
+        assert_eq!(pod_links(&pod), ["lo"], "{extra}");
+        assert_eq!(node.reservations(), 0, "{extra}");
+    }
+}
+
+/// The plugin's own namespace as CNI_NETNS: refused before anything happens.
+#[test]
+fn own_netns_is_refused() {
+    let Some(node) = Node::new() else { return };
+    let conf = node.conf("wb7", &["10.93.0.0/24"], json!({"isDefaultGateway": true}));
+    let e = node.run("ADD", "a", &node.ns, "eth0", &conf).err();
+    assert_eq!(e.code, 4);
+    assert!(e.msg.contains("own network namespace"), "{}", e.msg);
+    assert_eq!(node.links(), ["lo"]);
+    assert_eq!(node.reservations(), 0);
+}
+
+/// DEL without the pod's namespace still releases the addresses.
+#[test]
+fn del_after_the_netns_is_gone() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf("wb8", &["10.94.0.0/24"], json!({"isGateway": true}));
+    node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let path = pod.path_str();
+    drop(pod);
+    let del = Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("DEL")
+        .container_id("a")
+        .netns(&path)
+        .ifname("eth0")
+        .path(&[bin_dir()])
+        .stdin_json(&conf)
+        .run();
+    del.ok();
+    assert_eq!(node.reservations(), 0);
+}
+
+#[test]
+fn hairpin_and_port_isolation() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf(
+        "wb9",
+        &["10.95.0.0/24"],
+        json!({"hairpinMode": true, "portIsolation": true}),
+    );
+    let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let veth = r["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let veth = veth.as_str();
+    let info = node.ns.exec_json(&["ip", "-j", "-d", "link", "show", veth]);
+    let port = &info[0]["linkinfo"]["info_slave_data"];
+    assert_eq!(
+        (port["hairpin"].as_bool(), port["isolated"].as_bool()),
+        (Some(true), Some(true)),
+        "{port}"
+    );
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = r;
+    node.run("CHECK", "a", &pod, "eth0", &with_prev).ok();
+    node.ns.exec_ok(&[
+        "ip",
+        "link",
+        "set",
+        veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "off",
+    ]);
+    assert_eq!(
+        node.run("CHECK", "a", &pod, "eth0", &with_prev).err().code,
+        102
+    );
+}
+
+#[test]
+fn status_and_gc_go_to_ipam() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let mut conf = node.conf("wb10", &["10.96.0.0/30"], json!({}));
+    conf["cniVersion"] = json!("1.1.0");
+    let status = || {
+        Invocation::plugin("bridge")
+            .in_netns(node.ns.path())
+            .command("STATUS")
+            .path(&[bin_dir()])
+            .stdin_json(&conf)
+            .run()
+    };
+    status().ok();
+    node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    assert_eq!(status().err().code, 50, "the only address is taken");
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("GC")
+        .path(&[bin_dir()])
+        .stdin_json(&gc)
+        .run()
+        .ok();
+    assert_eq!(node.reservations(), 0);
+}

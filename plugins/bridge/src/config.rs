@@ -1,0 +1,190 @@
+//! The bridge plugin's configuration keys, validated before anything is changed.
+
+use serde::Deserialize;
+use serde_json::Value;
+use weft_core::error::{CniError, Result, code};
+use weft_core::skel::{Request, validate_ifname};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeConf {
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    #[serde(default)]
+    pub is_gateway: bool,
+    #[serde(default)]
+    pub is_default_gateway: bool,
+    #[serde(default)]
+    pub force_address: bool,
+    #[serde(default)]
+    pub ip_masq: bool,
+    #[serde(default)]
+    pub ip_masq_backend: Option<String>,
+    #[serde(default)]
+    pub mtu: u32,
+    #[serde(default)]
+    pub hairpin_mode: bool,
+    #[serde(default)]
+    pub promisc_mode: bool,
+    #[serde(default)]
+    pub vlan: u32,
+    #[serde(default)]
+    pub vlan_trunk: Option<Value>,
+    #[serde(default)]
+    pub macspoofchk: bool,
+    /// Spelled this way by the reference (`json:"enabledad"`).
+    #[serde(default)]
+    pub enabledad: bool,
+    #[serde(default)]
+    pub disable_container_interface: bool,
+    #[serde(default)]
+    pub port_isolation: bool,
+}
+
+fn default_bridge() -> String {
+    "cni0".into()
+}
+
+impl BridgeConf {
+    /// Parse and check every key; nothing on the host has been touched yet.
+    pub fn load(req: &Request) -> Result<BridgeConf> {
+        let mut conf: BridgeConf = req.parse_conf()?;
+        conf.is_gateway |= conf.is_default_gateway;
+        validate_ifname(&conf.bridge)
+            .map_err(|e| CniError::config(format!("bridge {:?}: {}", conf.bridge, e.msg)))?;
+        if conf.hairpin_mode && conf.promisc_mode {
+            return Err(CniError::config(
+                "cannot set hairpin mode and promiscuous mode at the same time",
+            ));
+        }
+        if conf.vlan > 4094 {
+            return Err(CniError::config(format!(
+                "invalid VLAN ID {} (must be between 0 and 4094)",
+                conf.vlan
+            )));
+        }
+        if conf.mtu != 0 && !(68..=65535).contains(&conf.mtu) {
+            return Err(CniError::config(format!(
+                "invalid mtu {} (must be between 68 and 65535)",
+                conf.mtu
+            )));
+        }
+        if conf.disable_container_interface && conf.has_ipam(req) {
+            return Err(CniError::config(
+                "cannot use IPAM when DisableContainerInterface flag is set",
+            ));
+        }
+        conf.refuse_unsupported()?;
+        Ok(conf)
+    }
+
+    /// Keys weft does not implement yet are refused up front with code 2, never ignored.
+    fn refuse_unsupported(&self) -> Result<()> {
+        let unsupported = |key: &str, value: String| {
+            Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                format!("{key}={value} is not supported by weft's bridge yet"),
+            ))
+        };
+        if self.vlan != 0 {
+            return unsupported("vlan", self.vlan.to_string());
+        }
+        if let Some(trunk) = &self.vlan_trunk {
+            return unsupported("vlanTrunk", trunk.to_string());
+        }
+        if self.macspoofchk {
+            return unsupported("macspoofchk", "true".into());
+        }
+        if self.ip_masq {
+            return unsupported("ipMasq", "true".into());
+        }
+        match self.ip_masq_backend.as_deref() {
+            None | Some("") | Some("nftables") => {}
+            Some(other) => {
+                return unsupported(
+                    "ipMasqBackend",
+                    format!("{other:?} (weft masquerades with nftables)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `ipam` present with a type: L3. Absent or `{}`: L2 only.
+    pub fn has_ipam(&self, req: &Request) -> bool {
+        ipam_type(req).is_some()
+    }
+}
+
+/// The IPAM plugin to delegate to, if any.
+pub fn ipam_type(req: &Request) -> Option<&str> {
+    req.conf
+        .ipam
+        .as_ref()?
+        .get("type")?
+        .as_str()
+        .filter(|t| !t.is_empty())
+}
+
+/// The MAC the runtime asked for: `runtimeConfig.mac`, else `args.cni.mac`, else
+/// `CNI_ARGS` `MAC=`.
+pub fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>> {
+    let from_conf = [
+        ("runtimeConfig.mac", req.conf.runtime("mac")),
+        ("args.cni.mac", req.conf.cni_arg("mac")),
+    ];
+    for (source, value) in from_conf {
+        if let Some(v) = value.and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            return parse_mac(v)
+                .map(Some)
+                .ok_or_else(|| CniError::config(format!("invalid MAC {v:?} in {source}")));
+        }
+    }
+    match req.env.args.get("MAC").filter(|s| !s.is_empty()) {
+        Some(v) => parse_mac(v)
+            .map(Some)
+            .ok_or_else(|| CniError::env(format!("CNI_ARGS: invalid MAC {v:?}"))),
+        None => Ok(None),
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        (p.len() == 2).then_some(())?;
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("0a:58:0A:01:00:ff"),
+            Some([0x0a, 0x58, 0x0a, 0x01, 0x00, 0xff])
+        );
+        for bad in [
+            "zz:zz",
+            "0a:58:0a:01:00",
+            "0a:58:0a:01:00:ff:00",
+            "0a-58-0a-01-00-ff",
+            "a:58:0a:01:00:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert_eq!(format_mac(&[0x0a, 0, 0xff, 1, 2, 3]), "0a:00:ff:01:02:03");
+    }
+}

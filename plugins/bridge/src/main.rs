@@ -1,0 +1,55 @@
+//! The `bridge` plugin: a veth per pod, its host end a port of a Linux bridge.
+
+mod add;
+mod check;
+mod config;
+mod del;
+
+use config::{BridgeConf, ipam_type};
+use weft_core::Result;
+use weft_core::delegate::Delegate;
+use weft_core::skel::{self, About, Command, Plugin, Request};
+use weft_core::spec::CniResult;
+
+struct Bridge;
+
+impl Plugin for Bridge {
+    fn add(&self, req: &Request) -> Result<CniResult> {
+        add::add(req, &BridgeConf::load(req)?)
+    }
+
+    fn del(&self, req: &Request) -> Result<()> {
+        del::del(req)
+    }
+
+    fn check(&self, req: &Request) -> Result<()> {
+        check::check(req, &BridgeConf::load(req)?)
+    }
+
+    /// Nothing of the bridge's own outlives DEL yet; the addresses live in IPAM.
+    fn gc(&self, req: &Request) -> Result<()> {
+        req.valid_attachments()?;
+        forward_to_ipam(req, Command::Gc)
+    }
+
+    fn status(&self, req: &Request) -> Result<()> {
+        forward_to_ipam(req, Command::Status)
+    }
+}
+
+fn forward_to_ipam(req: &Request, command: Command) -> Result<()> {
+    match ipam_type(req) {
+        Some(ipam) => Delegate::find(ipam, &req.env, &req.stdin)?.run(command),
+        None => Ok(()),
+    }
+}
+
+fn main() {
+    skel::main(
+        About {
+            name: "bridge",
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        Bridge,
+    )
+}
