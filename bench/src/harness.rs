@@ -29,6 +29,20 @@ impl Impl {
     }
 }
 
+/// Move this process into a new, empty network namespace (with `lo` up).
+pub fn enter_private_netns() -> Result<()> {
+    // SAFETY: unshare affects only the calling thread's namespaces; we are single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+    }
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("running ip")?;
+    anyhow::ensure!(status.success(), "ip link set lo up: {status}");
+    Ok(())
+}
+
 /// What a row works with for one implementation: fresh state per row.
 pub struct Target<'a> {
     pub imp: &'a Impl,
@@ -63,6 +77,24 @@ impl<'a> Target<'a> {
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": network,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": self.data_dir,
+                "ranges": [[{ "subnet": self.imp.subnet }]],
+            },
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// bridge + host-local: a bridge of this implementation's own, with a gateway.
+    pub fn bridge_conf(&self, network: &str) -> Vec<u8> {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "type": "bridge",
+            "bridge": format!("wb-{}", self.imp.label.chars().take(3).collect::<String>()),
+            "isGateway": true,
             "ipam": {
                 "type": "host-local",
                 "dataDir": self.data_dir,

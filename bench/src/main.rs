@@ -150,6 +150,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // Plugins like bridge configure "the host": give them a private network namespace
+    // as theirs, so neither implementation ever touches the real one. Done while
+    // this process is still single-threaded; every child inherits it.
+    if let Err(e) = harness::enter_private_netns() {
+        eprintln!("weft-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
     harness::install_signal_handlers();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

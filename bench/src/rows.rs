@@ -40,12 +40,41 @@ pub const ROWS: &[Row] = &[
         run: host_local_del,
     },
     Row {
+        name: "bridge+host-local ADD",
+        about: "ADD of a pod on a gateway bridge (veth, addresses, routes); its DEL is untimed",
+        plugins: &["bridge", "host-local"],
+        run: bridge_add,
+    },
+    Row {
+        name: "bridge+host-local DEL",
+        about: "DEL of a pod ADDed just before (the ADD is untimed)",
+        plugins: &["bridge", "host-local"],
+        run: bridge_del,
+    },
+    Row {
         name: "host-local 100 parallel ADDs",
         about: "wall time of 100 concurrent ADDs into one empty network; 100 distinct IPs required",
         plugins: &["host-local"],
         run: host_local_parallel_add,
     },
 ];
+
+fn bridge_add(t: &mut Target, _: usize) -> Result<Duration> {
+    let conf = t.bridge_conf(&t.network);
+    let id = t.next_container_id();
+    let (elapsed, out) = t.timed_exec("bridge", "ADD", &id, &conf)?;
+    result_addresses(&out, &t.describe("bridge", "ADD", &id))?;
+    t.exec("bridge", "DEL", &id, &conf)?; // frees eth0 in the shared pod netns
+    Ok(elapsed)
+}
+
+fn bridge_del(t: &mut Target, _: usize) -> Result<Duration> {
+    let conf = t.bridge_conf(&t.network);
+    let id = t.next_container_id();
+    t.exec("bridge", "ADD", &id, &conf)?;
+    let (elapsed, _) = t.timed_exec("bridge", "DEL", &id, &conf)?;
+    Ok(elapsed)
+}
 
 fn host_local_version(t: &mut Target, _: usize) -> Result<Duration> {
     let id = t.next_container_id();
