@@ -114,6 +114,8 @@ pub struct Driver {
     pub bin_dirs: Vec<PathBuf>,
     /// libcni's CacheDir (default `/var/lib/cni`); results go to `<cache_dir>/results`.
     pub cache_dir: PathBuf,
+    /// Run every plugin inside this netns, which then plays the node's namespace.
+    pub node_netns: Option<PathBuf>,
 }
 
 impl Driver {
@@ -130,6 +132,7 @@ impl Driver {
             config_bytes,
             bin_dirs,
             cache_dir: cache_dir.into(),
+            node_netns: None,
         })
     }
 
@@ -141,6 +144,12 @@ impl Driver {
     ) -> Result<Driver, DriverError> {
         let bytes = serde_json::to_vec(conflist).expect("JSON values serialize");
         Self::new(bytes, bin_dirs, cache_dir)
+    }
+
+    /// Run the plugins inside `netns` (a test "node"), never in this process's own.
+    pub fn in_netns(mut self, netns: impl Into<PathBuf>) -> Self {
+        self.node_netns = Some(netns.into());
+        self
     }
 
     /// The negotiated spec version every plugin gets.
@@ -352,6 +361,7 @@ impl Driver {
         let env = PluginEnv {
             command,
             path: PluginEnv::join_path(&self.bin_dirs),
+            node: self.node_netns.clone(),
             ..Default::default()
         };
         exec::run(&binary, &env, &stdin).map(drop)
@@ -365,6 +375,7 @@ impl Driver {
             ifname: att.ifname.clone(),
             args: att.cni_args_string(),
             path: PluginEnv::join_path(&self.bin_dirs),
+            node: self.node_netns.clone(),
         }
     }
 

@@ -394,3 +394,44 @@ fn status_and_gc_go_to_ipam() {
         .ok();
     assert_eq!(node.reservations(), 0);
 }
+
+/// The shipped conflist, driven as a runtime drives it: ADD with a cached result,
+/// CHECK with that result as prevResult, GC, reverse DEL removing the cache.
+#[test]
+fn conflist_example_through_the_driver() {
+    use netns_tests::driver::{Attachment, Driver};
+    let Some(node) = Node::new() else { return };
+    let path = netns_tests::workspace_root().join("conf-examples/10-weft-bridge.conflist");
+    let mut list: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    list["name"] = json!(node.name);
+    list["plugins"][0]["ipam"]["dataDir"] = json!(node.dir.path());
+    let driver = Driver::from_json(&list, vec![bin_dir()], node.dir.join("cache"))
+        .unwrap()
+        .in_netns(node.ns.path());
+    let (a, b) = (TestNetns::new(), TestNetns::new());
+    let (att_a, att_b) = (
+        Attachment::new("a", &a.path_str(), "eth0"),
+        Attachment::new("b", &b.path_str(), "eth0"),
+    );
+    let ra = driver.add(&att_a).unwrap();
+    driver.add(&att_b).unwrap();
+    assert_eq!(ra["cniVersion"], "1.1.0");
+    assert_eq!(ra["interfaces"][0]["name"], "cni0");
+    driver.check(&att_a).unwrap();
+    driver.status().unwrap();
+    let ip_a = ra["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(ping(&b, &ip_a), "b reaches a");
+    driver.gc(&[("a", "eth0")]).unwrap(); // b's cached attachment is DELeted
+    assert_eq!(pod_links(&b), ["lo"]);
+    assert!(!driver.cache_path("b", "eth0").exists());
+    driver.del(&att_a).unwrap();
+    assert_eq!(pod_links(&a), ["lo"]);
+    assert_eq!(node.reservations(), 0);
+    assert!(!driver.cache_path("a", "eth0").exists());
+}

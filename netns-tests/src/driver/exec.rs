@@ -16,6 +16,8 @@ pub struct PluginEnv {
     pub ifname: String,
     pub args: String,
     pub path: String,
+    /// Run the plugin inside this netns, playing the node's.
+    pub node: Option<PathBuf>,
 }
 
 impl PluginEnv {
@@ -28,7 +30,11 @@ impl PluginEnv {
 
 /// Run `binary`; its stdout on exit 0, else the error it reported.
 pub fn run(binary: &Path, env: &PluginEnv, stdin: &[u8]) -> Result<String, DriverError> {
-    let out = Invocation::new(binary)
+    let mut inv = Invocation::new(binary);
+    if let Some(node) = &env.node {
+        inv = inv.in_netns(node);
+    }
+    let out = inv
         .command(env.command)
         .container_id(&env.container_id)
         .netns(&env.netns)
