@@ -269,7 +269,6 @@ fn bad_configs_change_nothing() {
         (json!({"vlan": 5000}), 7),
         (json!({"vlan": 10}), 2),
         (json!({"macspoofchk": true}), 2),
-        (json!({"ipMasq": true}), 2),
         (json!({"ipMasqBackend": "iptables"}), 2),
         (json!({"mtu": 10}), 7),
         (json!({"bridge": "a-bridge-name-too-long"}), 7),
@@ -434,4 +433,129 @@ fn conflist_example_through_the_driver() {
     assert_eq!(pod_links(&a), ["lo"]);
     assert_eq!(node.reservations(), 0);
     assert!(!driver.cache_path("a", "eth0").exists());
+}
+
+/// Connect `node` to a fresh "outside" namespace on 198.51.100.0/24, which has no
+/// route back to any pod subnet: only masqueraded traffic gets answers.
+fn outside(node: &Node) -> TestNetns {
+    let out = TestNetns::new();
+    let pid = out.pid().to_string();
+    node.ns.exec_ok(&[
+        "ip", "link", "add", "wo0", "type", "veth", "peer", "name", "wo1", "netns", &pid,
+    ]);
+    node.ns
+        .exec_ok(&["ip", "addr", "add", "198.51.100.1/24", "dev", "wo0"]);
+    node.ns.exec_ok(&["ip", "link", "set", "wo0", "up"]);
+    out.exec_ok(&["ip", "addr", "add", "198.51.100.2/24", "dev", "wo1"]);
+    out.exec_ok(&["ip", "link", "set", "wo1", "up"]);
+    out
+}
+
+fn masq_elements(node: &Node) -> String {
+    node.ns
+        .exec_ok(&["nft", "list", "map", "inet", "weft_masq", "pods_v4"])
+}
+
+#[test]
+fn ip_masq_reaches_the_outside_and_leaves_nothing() {
+    let Some(node) = Node::new() else { return };
+    let out = outside(&node);
+    let pod = TestNetns::new();
+    let plain = node.conf("wb11", &["10.97.0.0/24"], json!({"isDefaultGateway": true}));
+    node.run("ADD", "p0", &pod, "eth0", &plain).ok();
+    assert!(
+        !ping(&pod, "198.51.100.2"),
+        "without ipMasq the outside cannot answer"
+    );
+    node.run("DEL", "p0", &pod, "eth0", &plain).ok();
+
+    let conf = node.conf(
+        "wb11",
+        &["10.97.0.0/24"],
+        json!({"isDefaultGateway": true, "ipMasq": true}),
+    );
+    let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let ip = r["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        ping(&pod, "198.51.100.2"),
+        "masqueraded traffic gets answers"
+    );
+    assert!(
+        ping(&pod, "10.97.0.1"),
+        "the subnet is not masqueraded and still works"
+    );
+    assert!(
+        masq_elements(&node).contains(&ip),
+        "{}",
+        masq_elements(&node)
+    );
+
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = r;
+    node.run("CHECK", "a", &pod, "eth0", &with_prev).ok();
+    node.ns.exec_ok(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "weft_masq",
+        "pods_v4",
+        &format!("{{ {ip} }}"),
+    ]);
+    assert_eq!(
+        node.run("CHECK", "a", &pod, "eth0", &with_prev).err().code,
+        102,
+        "CHECK sees the firewall"
+    );
+
+    // DEL without the netns (nerdctl sends an empty CNI_NETNS): the reference leaks here.
+    node.run("ADD", "b", &TestNetns::new(), "eth0", &conf).ok();
+    let del = Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("DEL")
+        .container_id("b")
+        .ifname("eth0")
+        .path(&[bin_dir()])
+        .stdin_json(&conf)
+        .run();
+    del.ok();
+    assert_eq!(
+        node.reservations(),
+        1,
+        "only a's address is left (its element was deleted by hand)"
+    );
+    assert!(
+        !masq_elements(&node).contains("id:b "),
+        "{}",
+        masq_elements(&node)
+    );
+
+    // GC drops the state of attachments the runtime no longer lists.
+    node.run("ADD", "c", &TestNetns::new(), "eth0", &conf).ok();
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+    Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("GC")
+        .path(&[bin_dir()])
+        .stdin_json(&gc)
+        .run()
+        .ok();
+    assert!(
+        !masq_elements(&node).contains("id:c "),
+        "{}",
+        masq_elements(&node)
+    );
+    node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    assert_eq!(node.reservations(), 0);
+    let left = masq_elements(&node);
+    assert!(!left.contains("10.97."), "{left}");
+    drop(out);
 }

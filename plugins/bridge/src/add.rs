@@ -6,6 +6,7 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_core::delegate::Delegate;
 use weft_core::error::{CniError, Result};
+use weft_core::masq;
 use weft_core::netlink::{Link, Netlink};
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
@@ -67,6 +68,9 @@ fn setup(
     if let Some(ipam) = ipam_type(req) {
         result = run_ipam(req, ipam, undo)?;
         configure_l3(req, conf, &mut result, pod, pod_nl, host, &bridge)?;
+        if conf.ip_masq {
+            masquerade(req, &result, undo)?;
+        }
     } else if !conf.disable_container_interface {
         let pod_if = pod_link(pod_nl, &req.env.ifname)?;
         pod_nl.set_up(pod_if.index)?;
@@ -191,6 +195,24 @@ fn run_ipam(req: &Request, ipam: &str, undo: &mut Undo) -> Result<CniResult> {
         return Err(CniError::internal("IPAM plugin returned missing IP config"));
     }
     Ok(result)
+}
+
+/// nftables masquerade for the pod's addresses, in weft's own table.
+fn masquerade(req: &Request, result: &CniResult, undo: &mut Undo) -> Result<()> {
+    let nets: Vec<IpNet> = result.ips.iter().map(|ip| ip.address).collect();
+    let (net, cid, ifname) = (
+        req.conf.name.clone(),
+        req.env.container_id.clone(),
+        req.env.ifname.clone(),
+    );
+    masq::add(&net, &cid, &ifname, &nets)?;
+    let addrs: Vec<IpAddr> = nets.iter().map(IpNet::addr).collect();
+    undo.push(move || {
+        if let Err(e) = masq::del(&net, &cid, &ifname, Some(&addrs)) {
+            weft_core::warn!("rolling back masquerade failed: {e}");
+        }
+    });
+    Ok(())
 }
 
 fn pod_link(pod_nl: &Netlink, ifname: &str) -> Result<Link> {

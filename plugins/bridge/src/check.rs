@@ -3,6 +3,7 @@
 use crate::config::{BridgeConf, format_mac, ipam_type};
 use weft_core::delegate::Delegate;
 use weft_core::error::{CniError, Result, code};
+use weft_core::masq;
 use weft_core::netlink::{Link, Netlink};
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
@@ -26,7 +27,17 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<()> {
     let pod_nl = Netlink::in_netns(&pod)?;
     let pod_if = check_pod_interface(req, &prev, &pod_nl)?;
     check_host_veth(conf, &prev, &host, &pod_if, &bridge)?;
-    check_l3(&prev, &pod_nl, &pod_if)
+    check_l3(&prev, &pod_nl, &pod_if)?;
+    if conf.ip_masq {
+        let nets: Vec<_> = prev.ips.iter().map(|ip| ip.address).collect();
+        masq::check(
+            &req.conf.name,
+            &req.env.container_id,
+            &req.env.ifname,
+            &nets,
+        )?;
+    }
+    Ok(())
 }
 
 fn check_bridge(host: &Netlink, conf: &BridgeConf) -> Result<Link> {

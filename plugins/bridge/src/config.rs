@@ -95,9 +95,6 @@ impl BridgeConf {
         if self.macspoofchk {
             return unsupported("macspoofchk", "true".into());
         }
-        if self.ip_masq {
-            return unsupported("ipMasq", "true".into());
-        }
         match self.ip_masq_backend.as_deref() {
             None | Some("") | Some("nftables") => {}
             Some(other) => {
@@ -114,6 +111,15 @@ impl BridgeConf {
     pub fn has_ipam(&self, req: &Request) -> bool {
         ipam_type(req).is_some()
     }
+}
+
+/// `ipMasq`, read leniently for DEL and GC, which must not fail on ADD-only keys.
+pub fn ip_masq(req: &Request) -> bool {
+    req.conf
+        .extra
+        .get("ipMasq")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// The IPAM plugin to delegate to, if any.

@@ -26,9 +26,16 @@ impl Plugin for Bridge {
         check::check(req, &BridgeConf::load(req)?)
     }
 
-    /// Nothing of the bridge's own outlives DEL yet; the addresses live in IPAM.
+    /// Masquerade state of attachments the runtime no longer lists, then IPAM's GC.
     fn gc(&self, req: &Request) -> Result<()> {
-        req.valid_attachments()?;
+        let valid = req.valid_attachments()?;
+        if config::ip_masq(req) {
+            let pairs: Vec<(&str, &str)> = valid
+                .iter()
+                .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+                .collect();
+            weft_core::masq::gc(&req.conf.name, &pairs)?;
+        }
         forward_to_ipam(req, Command::Gc)
     }
 
