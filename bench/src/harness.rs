@@ -88,13 +88,14 @@ impl<'a> Target<'a> {
     }
 
     /// bridge + host-local: a bridge of this implementation's own, with a gateway.
-    pub fn bridge_conf(&self, network: &str) -> Vec<u8> {
+    pub fn bridge_conf(&self, network: &str, ip_masq: bool) -> Vec<u8> {
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": network,
             "type": "bridge",
             "bridge": format!("wb-{}", self.imp.label.chars().take(3).collect::<String>()),
             "isGateway": true,
+            "ipMasq": ip_masq,
             "ipam": {
                 "type": "host-local",
                 "dataDir": self.data_dir,
@@ -116,6 +117,8 @@ impl<'a> Target<'a> {
         let bin = self.imp.plugin(plugin);
         let mut child = Command::new(&bin)
             .env_clear()
+            // Runtimes pass their PATH; the reference needs it to find iptables.
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", cni_command)
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_NETNS", self.netns)

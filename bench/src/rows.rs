@@ -52,6 +52,18 @@ pub const ROWS: &[Row] = &[
         run: bridge_del,
     },
     Row {
+        name: "bridge+host-local ADD ipMasq",
+        about: "the ADD row with ipMasq (reference: iptables chains; ours: nftables map elements)",
+        plugins: &["bridge", "host-local"],
+        run: bridge_add_masq,
+    },
+    Row {
+        name: "bridge+host-local DEL ipMasq",
+        about: "the DEL row with ipMasq",
+        plugins: &["bridge", "host-local"],
+        run: bridge_del_masq,
+    },
+    Row {
         name: "host-local 100 parallel ADDs",
         about: "wall time of 100 concurrent ADDs into one empty network; 100 distinct IPs required",
         plugins: &["host-local"],
@@ -60,7 +72,23 @@ pub const ROWS: &[Row] = &[
 ];
 
 fn bridge_add(t: &mut Target, _: usize) -> Result<Duration> {
-    let conf = t.bridge_conf(&t.network);
+    bridge_add_with(t, false)
+}
+
+fn bridge_add_masq(t: &mut Target, _: usize) -> Result<Duration> {
+    bridge_add_with(t, true)
+}
+
+fn bridge_del(t: &mut Target, _: usize) -> Result<Duration> {
+    bridge_del_with(t, false)
+}
+
+fn bridge_del_masq(t: &mut Target, _: usize) -> Result<Duration> {
+    bridge_del_with(t, true)
+}
+
+fn bridge_add_with(t: &mut Target, ip_masq: bool) -> Result<Duration> {
+    let conf = t.bridge_conf(&t.network, ip_masq);
     let id = t.next_container_id();
     let (elapsed, out) = t.timed_exec("bridge", "ADD", &id, &conf)?;
     result_addresses(&out, &t.describe("bridge", "ADD", &id))?;
@@ -68,8 +96,8 @@ fn bridge_add(t: &mut Target, _: usize) -> Result<Duration> {
     Ok(elapsed)
 }
 
-fn bridge_del(t: &mut Target, _: usize) -> Result<Duration> {
-    let conf = t.bridge_conf(&t.network);
+fn bridge_del_with(t: &mut Target, ip_masq: bool) -> Result<Duration> {
+    let conf = t.bridge_conf(&t.network, ip_masq);
     let id = t.next_container_id();
     t.exec("bridge", "ADD", &id, &conf)?;
     let (elapsed, _) = t.timed_exec("bridge", "DEL", &id, &conf)?;
