@@ -559,3 +559,119 @@ fn ip_masq_reaches_the_outside_and_leaves_nothing() {
     assert!(!left.contains("10.97."), "{left}");
     drop(out);
 }
+
+#[test]
+fn force_address_replaces_a_foreign_gateway() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    node.ns
+        .exec_ok(&["ip", "link", "add", "wb12", "type", "bridge"]);
+    node.ns
+        .exec_ok(&["ip", "addr", "add", "10.98.5.9/24", "dev", "wb12"]);
+    let conf = node.conf("wb12", &["10.98.0.0/24"], json!({"isGateway": true}));
+    let e = node.run("ADD", "a", &pod, "eth0", &conf).err();
+    assert_eq!(e.code, 7);
+    assert_eq!(
+        e.msg,
+        "failed to set bridge addr: \"wb12\" already has an IP address different from 10.98.0.1/24"
+    );
+    assert_eq!(
+        (pod_links(&pod), node.reservations()),
+        (vec!["lo".to_string()], 0),
+        "rolled back"
+    );
+    let forced = node.conf(
+        "wb12",
+        &["10.98.0.0/24"],
+        json!({"isGateway": true, "forceAddress": true}),
+    );
+    node.run("ADD", "a", &pod, "eth0", &forced).ok();
+    let addrs = node
+        .ns
+        .exec_ok(&["ip", "-4", "-br", "addr", "show", "wb12"]);
+    assert!(
+        addrs.contains("10.98.0.1/24") && !addrs.contains("10.98.5.9"),
+        "{addrs}"
+    );
+}
+
+/// The reference fails `could not set bridge's mac: invalid argument` here: a bridge
+/// whose ports all left has the all-zero MAC.
+#[test]
+fn gateway_on_a_bridge_whose_ports_all_left() {
+    let Some(node) = Node::new() else { return };
+    let (a, b) = (TestNetns::new(), TestNetns::new());
+    let l2 = json!({"cniVersion": "1.0.0", "name": node.name, "type": "bridge", "bridge": "wb13"});
+    node.run("ADD", "a", &a, "eth0", &l2).ok();
+    node.run("DEL", "a", &a, "eth0", &l2).ok();
+    let link = node.ns.exec_json(&["ip", "-j", "link", "show", "wb13"]);
+    assert_eq!(
+        link[0]["address"], "00:00:00:00:00:00",
+        "the precondition of the reference bug"
+    );
+    let conf = node.conf("wb13", &["10.99.0.0/24"], json!({"isGateway": true}));
+    let r = node.run("ADD", "b", &b, "eth0", &conf).ok();
+    assert!(ping(&b, "10.99.0.1"));
+    assert_ne!(r["interfaces"][0]["mac"], "00:00:00:00:00:00");
+}
+
+#[test]
+fn dns_from_config_only_when_set_and_dad_knob() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let rc = node.dir.join("resolv.conf");
+    std::fs::write(&rc, "nameserver 10.0.0.10\n").unwrap();
+    let mut conf = node.conf(
+        "wb14",
+        &["10.100.0.0/24", "fd64::/64"],
+        json!({"enabledad": true, "dns": {}}),
+    );
+    conf["ipam"]["resolvConf"] = json!(rc);
+    let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    assert_eq!(
+        r["dns"],
+        json!({"nameservers": ["10.0.0.10"]}),
+        "an empty dns keeps IPAM's"
+    );
+    assert_eq!(
+        pod.exec_ok(&["cat", "/proc/sys/net/ipv6/conf/eth0/accept_dad"])
+            .trim(),
+        "1"
+    );
+    conf["dns"] = json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]});
+    let r = node.run("ADD", "b", &pod, "eth1", &conf).ok();
+    assert_eq!(
+        r["dns"],
+        json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]})
+    );
+}
+
+/// The last ADD step failing (nftables) undoes all the earlier ones.
+#[test]
+fn failing_masquerade_rolls_back_veth_and_address() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf(
+        "wb15",
+        &["10.101.0.0/24"],
+        json!({"isGateway": true, "ipMasq": true}),
+    );
+    let out = Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("ADD")
+        .container_id("a")
+        .netns(pod.path())
+        .ifname("eth0")
+        .path(&[bin_dir()])
+        .var("WEFT_NFT", "/bin/false")
+        .stdin_json(&conf)
+        .run();
+    assert_eq!(out.err().code, 999);
+    assert_eq!(pod_links(&pod), ["lo"]);
+    assert!(
+        !node.links().iter().any(|l| l.starts_with("veth")),
+        "{:?}",
+        node.links()
+    );
+    assert_eq!(node.reservations(), 0);
+}
