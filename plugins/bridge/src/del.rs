@@ -40,7 +40,21 @@ fn remove_pod_interface(req: &Request) -> Result<Option<Vec<IpAddr>>> {
     let Some(link) = nl.link_by_name(&req.env.ifname)? else {
         return Ok(None);
     };
-    let addrs: Vec<IpAddr> = nl.addresses(link.index)?.iter().map(|a| a.addr()).collect();
+    // Link-local addresses are the kernel's, never masqueraded: leaving them out keeps
+    // the masquerade teardown to one nft transaction.
+    let addrs: Vec<IpAddr> = nl
+        .addresses(link.index)?
+        .iter()
+        .map(|a| a.addr())
+        .filter(|a| !is_link_local(a))
+        .collect();
     nl.delete_link(link.index)?;
     Ok(Some(addrs))
+}
+
+fn is_link_local(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    }
 }
