@@ -675,3 +675,134 @@ fn failing_masquerade_rolls_back_veth_and_address() {
     );
     assert_eq!(node.reservations(), 0);
 }
+
+/// B25–B33: CHECK notices each kind of drift, with a precise error.
+#[test]
+fn check_detects_drift() {
+    let Some(node) = Node::new() else { return };
+    let conf = node.conf(
+        "wb16",
+        &["10.102.0.0/24"],
+        json!({"isDefaultGateway": true}),
+    );
+    type Tamper = fn(&Node, &TestNetns, &str);
+    let cases: [(&str, Tamper, u64, &str); 7] = [
+        (
+            "B25 default route deleted",
+            |_, pod, _| drop(pod.exec_ok(&["ip", "route", "del", "default"])),
+            102,
+            "expected route to 0.0.0.0/0",
+        ),
+        (
+            "B27 MAC changed",
+            |_, pod, _| {
+                drop(pod.exec_ok(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"]))
+            },
+            102,
+            "doesn't match container mac 02:00:00:00:00:99",
+        ),
+        (
+            "B28 promisc on",
+            |node, _, _| {
+                drop(
+                    node.ns
+                        .exec_ok(&["ip", "link", "set", "wb16", "promisc", "on"]),
+                )
+            },
+            102,
+            "promiscMode false doesn't match current state true",
+        ),
+        (
+            "B29 veth nomaster",
+            |node, _, veth| drop(node.ns.exec_ok(&["ip", "link", "set", veth, "nomaster"])),
+            102,
+            "CNI veth created for bridge wb16 was not found",
+        ),
+        (
+            "B31 IPAM file deleted",
+            |node, _, _| {
+                let dir = node.dir.join(&node.name);
+                for e in std::fs::read_dir(dir).unwrap().flatten() {
+                    if e.file_name().to_str().unwrap().starts_with("10.102.") {
+                        std::fs::remove_file(e.path()).unwrap();
+                    }
+                }
+            },
+            102,
+            "host-local: Failed to find address added by container a",
+        ),
+        (
+            "B32 other netns",
+            |_, _, _| {},
+            102,
+            "prevResult has no interface eth0 in sandbox",
+        ),
+        (
+            "B33 no prevResult",
+            |_, _, _| {},
+            7,
+            "Required prevResult missing",
+        ),
+    ];
+    for (label, tamper, code, msg) in cases {
+        let pod = TestNetns::new();
+        let result = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+        let veth = result["interfaces"][1]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut with_prev = conf.clone();
+        with_prev["prevResult"] = result;
+        node.run("CHECK", "a", &pod, "eth0", &with_prev).ok();
+        tamper(&node, &pod, &veth);
+        let other = TestNetns::new();
+        let e = match label {
+            l if l.starts_with("B32") => node.run("CHECK", "a", &other, "eth0", &with_prev).err(),
+            l if l.starts_with("B33") => node.run("CHECK", "a", &pod, "eth0", &conf).err(),
+            _ => node.run("CHECK", "a", &pod, "eth0", &with_prev).err(),
+        };
+        assert_eq!(e.code, code, "{label}: {}", e.msg);
+        assert!(e.msg.contains(msg), "{label}: {}", e.msg);
+        node.ns
+            .exec_ok(&["ip", "link", "set", "wb16", "promisc", "off"]);
+        node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    }
+}
+
+/// B36: DEL whose IPAM binary is missing fails, and the retry cleans up everything
+/// (the reference leaks its masquerade rules on the retry).
+#[test]
+fn del_retry_after_missing_ipam_leaves_nothing() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf(
+        "wb17",
+        &["10.103.0.0/24"],
+        json!({"isGateway": true, "ipMasq": true}),
+    );
+    node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let empty = TempDir::new("no-plugins");
+    let e = Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("DEL")
+        .container_id("a")
+        .netns(pod.path())
+        .ifname("eth0")
+        .path(&[empty.path()])
+        .stdin_json(&conf)
+        .run()
+        .err();
+    assert!(
+        e.msg.starts_with("failed to find plugin \"host-local\""),
+        "{}",
+        e.msg
+    );
+    node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    assert_eq!(node.reservations(), 0);
+    assert!(
+        !masq_elements(&node).contains("10.103."),
+        "{}",
+        masq_elements(&node)
+    );
+    assert_eq!(pod_links(&pod), ["lo"]);
+}
