@@ -74,17 +74,18 @@ impl<'a> Target<'a> {
 
     /// host-local network config for `network`, as piped on stdin.
     pub fn host_local_conf(&self, network: &str) -> Vec<u8> {
+        serde_json::json!({ "cniVersion": "1.0.0", "name": network, "ipam": self.ipam() })
+            .to_string()
+            .into_bytes()
+    }
+
+    /// host-local over this implementation's own subnet and data dir.
+    fn ipam(&self) -> serde_json::Value {
         serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": network,
-            "ipam": {
-                "type": "host-local",
-                "dataDir": self.data_dir,
-                "ranges": [[{ "subnet": self.imp.subnet }]],
-            },
+            "type": "host-local",
+            "dataDir": self.data_dir,
+            "ranges": [[{ "subnet": self.imp.subnet }]],
         })
-        .to_string()
-        .into_bytes()
     }
 
     /// bridge + host-local: a bridge of this implementation's own, with a gateway.
@@ -96,11 +97,7 @@ impl<'a> Target<'a> {
             "bridge": format!("wb-{}", self.imp.label.chars().take(3).collect::<String>()),
             "isGateway": true,
             "ipMasq": ip_masq,
-            "ipam": {
-                "type": "host-local",
-                "dataDir": self.data_dir,
-                "ranges": [[{ "subnet": self.imp.subnet }]],
-            },
+            "ipam": self.ipam(),
         })
         .to_string()
         .into_bytes()
