@@ -806,3 +806,43 @@ fn del_retry_after_missing_ipam_leaves_nothing() {
     );
     assert_eq!(pod_links(&pod), ["lo"]);
 }
+
+/// B04 and B06 through the binary: a bad CNI_NETNS or a bridge name taken by another
+/// kind of link fails before anything changes.
+#[test]
+fn bad_netns_or_foreign_link_change_nothing() {
+    let Some(node) = Node::new() else { return };
+    let pod = TestNetns::new();
+    let conf = node.conf("wb18", &["10.104.0.0/24"], json!({"isGateway": true}));
+    let file = node.dir.join("not-a-netns");
+    std::fs::write(&file, "").unwrap();
+    for (netns, code) in [
+        (node.dir.join("gone").display().to_string(), 3),
+        (file.display().to_string(), 4),
+    ] {
+        let e = Invocation::plugin("bridge")
+            .in_netns(node.ns.path())
+            .command("ADD")
+            .container_id("a")
+            .netns(&netns)
+            .ifname("eth0")
+            .path(&[bin_dir()])
+            .stdin_json(&conf)
+            .run()
+            .err();
+        assert_eq!(e.code, code, "{netns}: {}", e.msg);
+        assert_eq!(node.links(), ["lo"]);
+    }
+    node.ns.exec_ok(&[
+        "ip", "link", "add", "wb18", "type", "veth", "peer", "name", "wb18p",
+    ]);
+    let e = node.run("ADD", "a", &pod, "eth0", &conf).err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (7, "\"wb18\" already exists but is not a bridge")
+    );
+    assert_eq!(
+        (pod_links(&pod), node.reservations()),
+        (vec!["lo".to_string()], 0)
+    );
+}
