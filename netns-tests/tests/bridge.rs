@@ -846,3 +846,81 @@ fn bad_netns_or_foreign_link_change_nothing() {
         (vec!["lo".to_string()], 0)
     );
 }
+
+/// B14: runtimeConfig.mac > args.cni.mac > CNI_ARGS MAC=, and a CNI_ARGS MAC does
+/// not break host-local (the reference's host-local rejects the unknown key).
+#[test]
+fn mac_precedence() {
+    let Some(node) = Node::new() else { return };
+    let base = node.conf("wb19", &["10.105.0.0/24"], json!({}));
+    let with = |runtime: bool, args: bool| {
+        let mut c = base.clone();
+        if runtime {
+            c["runtimeConfig"] = json!({"mac": "0a:00:00:00:00:01"});
+        }
+        if args {
+            c["args"] = json!({"cni": {"mac": "0a:00:00:00:00:02"}});
+        }
+        c
+    };
+    for (runtime, args, want) in [
+        (true, true, "0a:00:00:00:00:01"),
+        (false, true, "0a:00:00:00:00:02"),
+        (false, false, "0a:00:00:00:00:03"),
+    ] {
+        let pod = TestNetns::new();
+        let conf = with(runtime, args);
+        let out = Invocation::plugin("bridge")
+            .in_netns(node.ns.path())
+            .command("ADD")
+            .container_id("a")
+            .netns(pod.path())
+            .ifname("eth0")
+            .args("K8S_POD_NAME=p;MAC=0a:00:00:00:00:03")
+            .path(&[bin_dir()])
+            .stdin_json(&conf)
+            .run();
+        assert_eq!(out.ok()["interfaces"][2]["mac"], want);
+        node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    }
+    let pod = TestNetns::new();
+    let e = Invocation::plugin("bridge")
+        .in_netns(node.ns.path())
+        .command("ADD")
+        .container_id("a")
+        .netns(pod.path())
+        .ifname("eth0")
+        .args("MAC=zz:zz")
+        .path(&[bin_dir()])
+        .stdin_json(&base)
+        .run()
+        .err();
+    assert_eq!(
+        (e.code, e.msg.as_str()),
+        (4, "CNI_ARGS: invalid MAC \"zz:zz\"")
+    );
+}
+
+/// B17: results in older formats.
+#[test]
+fn results_in_older_versions() {
+    let Some(node) = Node::new() else { return };
+    for (version, check) in [
+        (
+            "0.3.1",
+            (|r: &Value| r["ips"][0]["version"] == "4" && r["interfaces"].is_array())
+                as fn(&Value) -> bool,
+        ),
+        ("0.2.0", |r: &Value| {
+            r["ip4"]["gateway"] == "10.106.0.1" && r.get("interfaces").is_none()
+        }),
+    ] {
+        let pod = TestNetns::new();
+        let mut conf = node.conf("wb20", &["10.106.0.0/24"], json!({"isGateway": true}));
+        conf["cniVersion"] = json!(version);
+        let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+        assert_eq!(r["cniVersion"], version);
+        assert!(check(&r), "{version}: {r}");
+        node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    }
+}
