@@ -147,7 +147,8 @@ fn random_veth_name() -> Result<String> {
     if n != bytes.len() as isize {
         return Err(CniError::io("getrandom", std::io::Error::last_os_error()));
     }
-    Ok(format!("veth{}", format_mac(&bytes).replace(':', "")))
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("veth{hex}"))
 }
 
 fn attach_port(conf: &BridgeConf, host: &Netlink, veth: &Link, bridge: &Link) -> Result<()> {

@@ -1,7 +1,6 @@
 //! CHECK: the state ADD created is still there and still matches prevResult.
 
-use crate::config::{BridgeConf, format_mac, ipam_type};
-use weft_core::delegate::Delegate;
+use crate::config::{BridgeConf, format_mac, forward_to_ipam};
 use weft_core::error::{CniError, Result, code};
 use weft_core::masq;
 use weft_core::netlink::{Link, Netlink};
@@ -18,9 +17,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<()> {
         .conf
         .prev_result()?
         .ok_or_else(|| CniError::config("Required prevResult missing"))?;
-    if let Some(ipam) = ipam_type(req) {
-        Delegate::find(ipam, &req.env, &req.stdin)?.run(Command::Check)?;
-    }
+    forward_to_ipam(req, Command::Check)?;
     let host = Netlink::host()?;
     let bridge = check_bridge(&host, conf)?;
     let pod = NetNs::open(&req.env.netns)?;

@@ -2,8 +2,9 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use weft_core::delegate::Delegate;
 use weft_core::error::{CniError, Result, code};
-use weft_core::skel::{Request, validate_ifname};
+use weft_core::skel::{Command, Request, validate_ifname};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -120,6 +121,14 @@ pub fn ip_masq(req: &Request) -> bool {
         .get("ipMasq")
         .and_then(Value::as_bool)
         .unwrap_or(false)
+}
+
+/// Run `command` on the IPAM plugin, if the config names one.
+pub fn forward_to_ipam(req: &Request, command: Command) -> Result<()> {
+    match ipam_type(req) {
+        Some(ipam) => Delegate::find(ipam, &req.env, &req.stdin)?.run(command),
+        None => Ok(()),
+    }
 }
 
 /// The IPAM plugin to delegate to, if any.

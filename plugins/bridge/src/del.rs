@@ -2,9 +2,8 @@
 //! addresses and the masquerade state. Needs neither the netns nor prevResult, and
 //! succeeds when repeated.
 
-use crate::config::{ip_masq, ipam_type};
+use crate::config::{forward_to_ipam, ip_masq};
 use std::net::IpAddr;
-use weft_core::delegate::Delegate;
 use weft_core::error::Result;
 use weft_core::masq;
 use weft_core::netlink::Netlink;
@@ -13,9 +12,7 @@ use weft_core::skel::{Command, Request};
 
 pub fn del(req: &Request) -> Result<()> {
     let addrs = remove_pod_interface(req)?;
-    if let Some(ipam) = ipam_type(req) {
-        Delegate::find(ipam, &req.env, &req.stdin)?.run(Command::Del)?;
-    }
+    forward_to_ipam(req, Command::Del)?;
     if ip_masq(req) {
         // Without the interface's addresses (netns or interface gone, as with
         // nerdctl's empty CNI_NETNS), masq finds this attachment's entries itself:

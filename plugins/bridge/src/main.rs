@@ -5,9 +5,8 @@ mod check;
 mod config;
 mod del;
 
-use config::{BridgeConf, ipam_type};
+use config::{BridgeConf, forward_to_ipam};
 use weft_core::Result;
-use weft_core::delegate::Delegate;
 use weft_core::skel::{self, About, Command, Plugin, Request};
 use weft_core::spec::CniResult;
 
@@ -41,13 +40,6 @@ impl Plugin for Bridge {
 
     fn status(&self, req: &Request) -> Result<()> {
         forward_to_ipam(req, Command::Status)
-    }
-}
-
-fn forward_to_ipam(req: &Request, command: Command) -> Result<()> {
-    match ipam_type(req) {
-        Some(ipam) => Delegate::find(ipam, &req.env, &req.stdin)?.run(command),
-        None => Ok(()),
     }
 }
 
