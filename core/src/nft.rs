@@ -697,11 +697,7 @@ impl Transaction {
         set: &Ident,
         elems: &[Element],
     ) -> &mut Self {
-        if elems.is_empty() {
-            return self;
-        }
-        let items: Vec<String> = elems.iter().map(Element::to_string).collect();
-        self.push(Self::element_stmt("add", family, table, set, &items))
+        self.elements("add", family, table, set, elems)
     }
 
     /// `create element`: fails with [`ErrorKind::Exists`] for any existing key.
@@ -712,11 +708,22 @@ impl Transaction {
         set: &Ident,
         elems: &[Element],
     ) -> &mut Self {
+        self.elements("create", family, table, set, elems)
+    }
+
+    fn elements(
+        &mut self,
+        verb: &str,
+        family: Family,
+        table: &Ident,
+        set: &Ident,
+        elems: &[Element],
+    ) -> &mut Self {
         if elems.is_empty() {
             return self;
         }
         let items: Vec<String> = elems.iter().map(Element::to_string).collect();
-        self.push(Self::element_stmt("create", family, table, set, &items))
+        self.push(Self::element_stmt(verb, family, table, set, &items))
     }
 
     /// `delete element` by key; fails with [`ErrorKind::NotFound`] for a missing key.
