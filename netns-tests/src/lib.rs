@@ -43,3 +43,23 @@ pub fn unique_name(tag: &str) -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{tag}-{}-{n}", std::process::id())
 }
+
+/// host-local's reservations in one network's state directory: files named by an
+/// address, with their contents. Empty when the directory does not exist.
+pub fn reservations(net_dir: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(net_dir) else {
+        return Default::default();
+    };
+    entries
+        .map(|e| e.expect("readable directory entry"))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<std::net::IpAddr>().is_ok())
+        })
+        .map(|e| {
+            let content = std::fs::read_to_string(e.path()).expect("readable reservation");
+            (e.file_name().into_string().expect("UTF-8 name"), content)
+        })
+        .collect()
+}

@@ -31,15 +31,31 @@ impl Node {
     }
 
     fn run(&self, cmd: &str, cid: &str, pod: &TestNetns, ifname: &str, conf: &Value) -> Outcome {
+        self.pod_call(cmd, cid, pod.path(), ifname, conf).run()
+    }
+
+    /// bridge run on this node for `cmd`, with CNI_PATH and `conf` set.
+    fn call(&self, cmd: &str, conf: &Value) -> Invocation {
         Invocation::plugin("bridge")
             .in_netns(self.ns.path())
             .command(cmd)
-            .container_id(cid)
-            .netns(pod.path())
-            .ifname(ifname)
             .path(&[bin_dir()])
             .stdin_json(conf)
-            .run()
+    }
+
+    /// [`Self::call`] for one attachment, ready for extra variables before `run()`.
+    fn pod_call(
+        &self,
+        cmd: &str,
+        cid: &str,
+        netns: impl AsRef<std::path::Path>,
+        ifname: &str,
+        conf: &Value,
+    ) -> Invocation {
+        self.call(cmd, conf)
+            .container_id(cid)
+            .netns(netns)
+            .ifname(ifname)
     }
 
     fn links(&self) -> Vec<String> {
@@ -54,18 +70,7 @@ impl Node {
 
     /// host-local reservation files (named by an address) of this network.
     fn reservations(&self) -> usize {
-        let Ok(dir) = std::fs::read_dir(self.dir.join(&self.name)) else {
-            return 0;
-        };
-        dir.flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .unwrap()
-                    .parse::<std::net::IpAddr>()
-                    .is_ok()
-            })
-            .count()
+        netns_tests::reservations(&self.dir.join(&self.name)).len()
     }
 }
 
@@ -314,15 +319,7 @@ fn del_after_the_netns_is_gone() {
     node.run("ADD", "a", &pod, "eth0", &conf).ok();
     let path = pod.path_str();
     drop(pod);
-    let del = Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("DEL")
-        .container_id("a")
-        .netns(&path)
-        .ifname("eth0")
-        .path(&[bin_dir()])
-        .stdin_json(&conf)
-        .run();
+    let del = node.pod_call("DEL", "a", &path, "eth0", &conf).run();
     del.ok();
     assert_eq!(node.reservations(), 0);
 }
@@ -371,26 +368,13 @@ fn status_and_gc_go_to_ipam() {
     let pod = TestNetns::new();
     let mut conf = node.conf("wb10", &["10.96.0.0/30"], json!({}));
     conf["cniVersion"] = json!("1.1.0");
-    let status = || {
-        Invocation::plugin("bridge")
-            .in_netns(node.ns.path())
-            .command("STATUS")
-            .path(&[bin_dir()])
-            .stdin_json(&conf)
-            .run()
-    };
+    let status = || node.call("STATUS", &conf).run();
     status().ok();
     node.run("ADD", "a", &pod, "eth0", &conf).ok();
     assert_eq!(status().err().code, 50, "the only address is taken");
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([]);
-    Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("GC")
-        .path(&[bin_dir()])
-        .stdin_json(&gc)
-        .run()
-        .ok();
+    node.call("GC", &gc).run().ok();
     assert_eq!(node.reservations(), 0);
 }
 
@@ -516,13 +500,10 @@ fn ip_masq_reaches_the_outside_and_leaves_nothing() {
 
     // DEL without the netns (nerdctl sends an empty CNI_NETNS): the reference leaks here.
     node.run("ADD", "b", &TestNetns::new(), "eth0", &conf).ok();
-    let del = Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("DEL")
+    let del = node
+        .call("DEL", &conf)
         .container_id("b")
         .ifname("eth0")
-        .path(&[bin_dir()])
-        .stdin_json(&conf)
         .run();
     del.ok();
     assert_eq!(
@@ -541,13 +522,7 @@ fn ip_masq_reaches_the_outside_and_leaves_nothing() {
     let mut gc = conf.clone();
     gc["cniVersion"] = json!("1.1.0");
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
-    Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("GC")
-        .path(&[bin_dir()])
-        .stdin_json(&gc)
-        .run()
-        .ok();
+    node.call("GC", &gc).run().ok();
     assert!(
         !masq_elements(&node).contains("id:c "),
         "{}",
@@ -656,15 +631,9 @@ fn failing_masquerade_rolls_back_veth_and_address() {
         &["10.101.0.0/24"],
         json!({"isGateway": true, "ipMasq": true}),
     );
-    let out = Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("ADD")
-        .container_id("a")
-        .netns(pod.path())
-        .ifname("eth0")
-        .path(&[bin_dir()])
+    let out = node
+        .pod_call("ADD", "a", pod.path(), "eth0", &conf)
         .var("WEFT_NFT", "/bin/false")
-        .stdin_json(&conf)
         .run();
     assert_eq!(out.err().code, 999);
     assert_eq!(pod_links(&pod), ["lo"]);
@@ -782,14 +751,9 @@ fn del_retry_after_missing_ipam_leaves_nothing() {
     );
     node.run("ADD", "a", &pod, "eth0", &conf).ok();
     let empty = TempDir::new("no-plugins");
-    let e = Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("DEL")
-        .container_id("a")
-        .netns(pod.path())
-        .ifname("eth0")
+    let e = node
+        .pod_call("DEL", "a", pod.path(), "eth0", &conf)
         .path(&[empty.path()])
-        .stdin_json(&conf)
         .run()
         .err();
     assert!(
@@ -820,16 +784,7 @@ fn bad_netns_or_foreign_link_change_nothing() {
         (node.dir.join("gone").display().to_string(), 3),
         (file.display().to_string(), 4),
     ] {
-        let e = Invocation::plugin("bridge")
-            .in_netns(node.ns.path())
-            .command("ADD")
-            .container_id("a")
-            .netns(&netns)
-            .ifname("eth0")
-            .path(&[bin_dir()])
-            .stdin_json(&conf)
-            .run()
-            .err();
+        let e = node.pod_call("ADD", "a", &netns, "eth0", &conf).run().err();
         assert_eq!(e.code, code, "{netns}: {}", e.msg);
         assert_eq!(node.links(), ["lo"]);
     }
@@ -870,29 +825,17 @@ fn mac_precedence() {
     ] {
         let pod = TestNetns::new();
         let conf = with(runtime, args);
-        let out = Invocation::plugin("bridge")
-            .in_netns(node.ns.path())
-            .command("ADD")
-            .container_id("a")
-            .netns(pod.path())
-            .ifname("eth0")
+        let out = node
+            .pod_call("ADD", "a", pod.path(), "eth0", &conf)
             .args("K8S_POD_NAME=p;MAC=0a:00:00:00:00:03")
-            .path(&[bin_dir()])
-            .stdin_json(&conf)
             .run();
         assert_eq!(out.ok()["interfaces"][2]["mac"], want);
         node.run("DEL", "a", &pod, "eth0", &conf).ok();
     }
     let pod = TestNetns::new();
-    let e = Invocation::plugin("bridge")
-        .in_netns(node.ns.path())
-        .command("ADD")
-        .container_id("a")
-        .netns(pod.path())
-        .ifname("eth0")
+    let e = node
+        .pod_call("ADD", "a", pod.path(), "eth0", &base)
         .args("MAC=zz:zz")
-        .path(&[bin_dir()])
-        .stdin_json(&base)
         .run()
         .err();
     assert_eq!(

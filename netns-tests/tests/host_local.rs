@@ -75,25 +75,7 @@ impl Fixture {
 
     /// Reservation files (named by IP) and their contents.
     fn reservations(&self) -> BTreeMap<String, String> {
-        let Ok(entries) = std::fs::read_dir(self.net_dir()) else {
-            return BTreeMap::new();
-        };
-        entries
-            .map(|e| e.unwrap())
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .unwrap()
-                    .parse::<std::net::IpAddr>()
-                    .is_ok()
-            })
-            .map(|e| {
-                (
-                    e.file_name().into_string().unwrap(),
-                    std::fs::read_to_string(e.path()).unwrap(),
-                )
-            })
-            .collect()
+        netns_tests::reservations(&self.net_dir())
     }
 
     fn gc(&self, valid: Value) -> Outcome {
