@@ -38,6 +38,15 @@ pub fn set(key: &str, value: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// [`set`], skipping a key the kernel does not have (all of net/ipv6 when IPv6 is
+/// disabled, or an interface that has none). Returns whether it wrote.
+pub fn set_if_present(key: &str, value: &str) -> Result<bool> {
+    if !path_of(key).exists() {
+        return Ok(false);
+    }
+    set(key, value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +72,9 @@ mod tests {
             "an equal value is not written"
         );
         assert_eq!(get("net.nonexistent.key").unwrap_err().code, 999);
+        assert!(
+            !set_if_present("net.nonexistent.key", "1").unwrap(),
+            "an absent key is skipped"
+        );
     }
 }

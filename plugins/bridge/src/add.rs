@@ -63,19 +63,20 @@ fn setup(
     let ifname = req.env.ifname.clone();
     let enabledad = conf.enabledad;
     pod.run(move || pod_sysctls(&ifname, enabledad))??;
+    // Read once: nothing below changes its index, name or MAC.
+    let pod_if = pod_link(pod_nl, &req.env.ifname)?;
 
     let mut result = CniResult::default();
     if let Some(ipam) = ipam_type(req) {
         result = run_ipam(req, ipam, undo)?;
-        configure_l3(req, conf, &mut result, pod, pod_nl, host, &bridge)?;
+        configure_l3(conf, &mut result, pod, pod_nl, &pod_if, host, &bridge)?;
         if conf.ip_masq {
             masquerade(req, &result, undo)?;
         }
     } else if !conf.disable_container_interface {
-        let pod_if = pod_link(pod_nl, &req.env.ifname)?;
         pod_nl.set_up(pod_if.index)?;
     }
-    fill_interfaces(req, &mut result, host, pod_nl, &bridge, &host_veth)?;
+    fill_interfaces(req, &mut result, host, &pod_if, &bridge, &host_veth)?;
     if let Some(dns) = req.conf.dns.as_ref().filter(|d| !d.is_empty()) {
         result.dns = dns.clone();
     }
@@ -100,7 +101,7 @@ fn ensure_bridge(host: &Netlink, conf: &BridgeConf, undo: &mut Undo) -> Result<L
         host.set_promisc(bridge.index, true)?;
     }
     let name = format!("net/ipv6/conf/{}/accept_ra", conf.bridge);
-    set_if_present(&name, "0")?;
+    sysctl::set_if_present(&name, "0")?;
     Ok(bridge)
 }
 
@@ -152,7 +153,7 @@ fn random_veth_name() -> Result<String> {
 }
 
 fn attach_port(conf: &BridgeConf, host: &Netlink, veth: &Link, bridge: &Link) -> Result<()> {
-    set_if_present(&format!("net/ipv6/conf/{}/accept_ra", veth.name), "0")?;
+    sysctl::set_if_present(&format!("net/ipv6/conf/{}/accept_ra", veth.name), "0")?;
     host.set_controller(veth.index, bridge.index)?;
     if conf.hairpin_mode || conf.port_isolation {
         host.set_bridge_port(veth.index, conf.hairpin_mode, conf.port_isolation)?;
@@ -160,20 +161,12 @@ fn attach_port(conf: &BridgeConf, host: &Netlink, veth: &Link, bridge: &Link) ->
     host.set_up(veth.index)
 }
 
-/// A sysctl under /proc/sys/net/ipv6 is absent when IPv6 is disabled: skip it then.
-fn set_if_present(key: &str, value: &str) -> Result<()> {
-    if std::path::Path::new("/proc/sys").join(key).exists() {
-        sysctl::set(key, value)?;
-    }
-    Ok(())
-}
-
 fn pod_sysctls(ifname: &str, enabledad: bool) -> Result<()> {
     sysctl::set(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1")?;
     let dad = if enabledad { "1" } else { "0" };
-    set_if_present(&format!("net/ipv6/conf/{ifname}/accept_dad"), dad)?;
+    sysctl::set_if_present(&format!("net/ipv6/conf/{ifname}/accept_dad"), dad)?;
     if enabledad {
-        set_if_present(&format!("net/ipv6/conf/{ifname}/enhanced_dad"), "1")?;
+        sysctl::set_if_present(&format!("net/ipv6/conf/{ifname}/enhanced_dad"), "1")?;
     }
     Ok(())
 }
@@ -231,11 +224,11 @@ fn first_host(net: IpNet) -> IpAddr {
 
 /// Addresses and routes in the pod, the gateway on the bridge, forwarding on.
 fn configure_l3(
-    req: &Request,
     conf: &BridgeConf,
     result: &mut CniResult,
     pod: &NetNs,
     pod_nl: &Netlink,
+    pod_if: &Link,
     host: &Netlink,
     bridge: &Link,
 ) -> Result<()> {
@@ -248,12 +241,11 @@ fn configure_l3(
     if conf.is_default_gateway {
         add_default_routes(result);
     }
-    let pod_if = pod_link(pod_nl, &req.env.ifname)?;
     if result.ips.iter().any(|ip| ip.address.addr().is_ipv6()) {
-        let ifname = req.env.ifname.clone();
+        let ifname = pod_if.name.clone();
         pod.run(move || -> Result<()> {
-            set_if_present("net/ipv6/conf/lo/disable_ipv6", "0")?;
-            set_if_present(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "0")
+            sysctl::set_if_present("net/ipv6/conf/lo/disable_ipv6", "0")?;
+            sysctl::set_if_present(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "0").map(drop)
         })??;
     }
     for ip in &result.ips {
@@ -331,7 +323,7 @@ fn set_gateways(
         sysctl::set("net/ipv4/ip_forward", "1")?;
     }
     if v6 {
-        set_if_present("net/ipv6/conf/all/forwarding", "1")?;
+        sysctl::set_if_present("net/ipv6/conf/all/forwarding", "1")?;
     }
     Ok(())
 }
@@ -353,7 +345,7 @@ fn fill_interfaces(
     req: &Request,
     result: &mut CniResult,
     host: &Netlink,
-    pod_nl: &Netlink,
+    pod_if: &Link,
     bridge: &Link,
     veth: &Link,
 ) -> Result<()> {
@@ -362,7 +354,6 @@ fn fill_interfaces(
             .map(|o| o.unwrap_or_else(|| l.clone()))
     };
     let (bridge, veth) = (fresh(bridge)?, fresh(veth)?);
-    let pod_if = pod_link(pod_nl, &req.env.ifname)?;
     let iface = |name: &str, mac: &[u8], sandbox: &str| Interface {
         name: name.to_string(),
         // A port-less bridge has the all-zero MAC; the reference leaves it out then.
