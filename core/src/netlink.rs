@@ -143,24 +143,28 @@ impl Netlink {
         }
     }
 
-    /// The bridge `name`, created (up, with `mtu`) if missing. An existing link of
-    /// another kind is an error, not something to reuse.
-    pub fn ensure_bridge(&self, name: &str, mtu: Option<u32>) -> Result<Link> {
-        if self.link_by_name(name)?.is_none() {
-            let mut msg = LinkBridge::new(name);
-            if let Some(mtu) = mtu {
-                msg = msg.mtu(mtu);
-            }
-            match self.block(self.handle.link().add(msg.build()).execute()) {
-                Err(e) if errno(&e) != Some(libc::EEXIST) => {
-                    return Err(fail(format!("creating bridge {name:?}"), e));
+    /// The bridge `name`, created (up, with `mtu`) if missing, and whether this call
+    /// created it. An existing link of another kind is an error, not something to reuse.
+    pub fn ensure_bridge(&self, name: &str, mtu: Option<u32>) -> Result<(Link, bool)> {
+        let (link, created) = match self.link_by_name(name)? {
+            Some(link) => (link, false),
+            None => {
+                let mut msg = LinkBridge::new(name);
+                if let Some(mtu) = mtu {
+                    msg = msg.mtu(mtu);
                 }
-                _ => {} // created, or by a concurrent ADD meanwhile
+                // EEXIST: a concurrent ADD created it meanwhile, which is fine.
+                let created = match self.block(self.handle.link().add(msg.build()).execute()) {
+                    Ok(()) => true,
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => false,
+                    Err(e) => return Err(fail(format!("creating bridge {name:?}"), e)),
+                };
+                let link = self.link_by_name(name)?.ok_or_else(|| {
+                    CniError::internal(format!("bridge {name:?} vanished after creation"))
+                })?;
+                (link, created)
             }
-        }
-        let link = self.link_by_name(name)?.ok_or_else(|| {
-            CniError::internal(format!("bridge {name:?} vanished after creation"))
-        })?;
+        };
         if link.kind.as_deref() != Some("bridge") {
             return Err(CniError::config(format!(
                 "{name:?} already exists but is not a bridge"
@@ -169,7 +173,7 @@ impl Netlink {
         if !link.up {
             self.set_up(link.index)?;
         }
-        Ok(link)
+        Ok((link, created))
     }
 
     /// A veth pair: `host_name` here, its peer `peer_name` created directly inside

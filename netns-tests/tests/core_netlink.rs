@@ -40,16 +40,14 @@ fn net(s: &str) -> IpNet {
 #[test]
 fn bridge_is_created_once_up_and_typed() {
     let Some(w) = world() else { return };
-    let br = w.node_nl.ensure_bridge("wbr0", Some(1400)).unwrap();
+    let (br, created) = w.node_nl.ensure_bridge("wbr0", Some(1400)).unwrap();
+    assert!(created);
     assert_eq!(
         (br.kind.as_deref(), br.mtu, br.up),
         (Some("bridge"), 1400, true)
     );
-    assert_eq!(
-        w.node_nl.ensure_bridge("wbr0", None).unwrap().index,
-        br.index,
-        "idempotent"
-    );
+    let (again, created) = w.node_nl.ensure_bridge("wbr0", None).unwrap();
+    assert_eq!((again.index, created), (br.index, false), "idempotent");
     let shown = w
         .node
         .exec_json(&["ip", "-j", "-d", "link", "show", "wbr0"]);
@@ -104,7 +102,7 @@ fn veth_peer_is_created_inside_the_pod() {
 #[test]
 fn ports_addresses_routes_and_traffic() {
     let Some(w) = world() else { return };
-    let br = w.node_nl.ensure_bridge("wbr1", None).unwrap();
+    let (br, _) = w.node_nl.ensure_bridge("wbr1", None).unwrap();
     w.node_nl
         .add_address(br.index, net("10.66.0.1/24"))
         .unwrap();
@@ -241,7 +239,7 @@ fn sysctl_inside_a_pod_namespace() {
 #[test]
 fn bridge_port_flags_and_promisc() {
     let Some(w) = world() else { return };
-    let br = w.node_nl.ensure_bridge("wbr2", None).unwrap();
+    let (br, _) = w.node_nl.ensure_bridge("wbr2", None).unwrap();
     assert!(
         w.node_nl
             .create_veth("wveth3", "eth0", &w.pod_ns, None, None)

@@ -86,10 +86,9 @@ fn setup(
 /// The bridge, created if missing (and removed again on failure if it was ours and
 /// nothing else attached to it meanwhile).
 fn ensure_bridge(host: &Netlink, conf: &BridgeConf, undo: &mut Undo) -> Result<Link> {
-    let existed = host.link_by_name(&conf.bridge)?.is_some();
     let mtu = (conf.mtu != 0).then_some(conf.mtu);
-    let bridge = host.ensure_bridge(&conf.bridge, mtu)?;
-    if !existed {
+    let (bridge, created) = host.ensure_bridge(&conf.bridge, mtu)?;
+    if created {
         let index = bridge.index;
         undo.push(move || {
             if let Ok(host) = Netlink::host() {
