@@ -4,7 +4,7 @@
 use crate::error::{CniError, Result, code};
 use crate::skel::{Command, Env};
 use crate::spec::CniResult;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,16 +33,23 @@ pub fn find_in_path(plugin: &str, paths: &[PathBuf]) -> Result<PathBuf> {
         })
 }
 
+/// The variables a delegate is run with: the invocation's, with `command`.
+fn cni_vars(command: Command, env: &Env) -> [(&'static str, String); 6] {
+    let path: Vec<String> = env.path.iter().map(|p| p.display().to_string()).collect();
+    [
+        ("CNI_COMMAND", command.as_str().to_string()),
+        ("CNI_CONTAINERID", env.container_id.clone()),
+        ("CNI_NETNS", env.netns.clone()),
+        ("CNI_IFNAME", env.ifname.clone()),
+        ("CNI_ARGS", env.raw_args.clone()),
+        ("CNI_PATH", path.join(":")),
+    ]
+}
+
 /// Run `binary` for `command` with the env of `env` and `stdin`; returns its stdout.
 pub fn exec(binary: &Path, command: Command, env: &Env, stdin: &[u8]) -> Result<Vec<u8>> {
-    let path: Vec<String> = env.path.iter().map(|p| p.display().to_string()).collect();
     let mut cmd = std::process::Command::new(binary);
-    cmd.env("CNI_COMMAND", command.as_str())
-        .env("CNI_CONTAINERID", &env.container_id)
-        .env("CNI_NETNS", &env.netns)
-        .env("CNI_IFNAME", &env.ifname)
-        .env("CNI_ARGS", &env.raw_args)
-        .env("CNI_PATH", path.join(":"))
+    cmd.envs(cni_vars(command, env))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -62,6 +69,39 @@ pub fn exec(binary: &Path, command: Command, env: &Env, stdin: &[u8]) -> Result<
         return Ok(out.stdout);
     }
     Err(plugin_error(&out.stdout, &out.stderr, out.status))
+}
+
+/// A plugin's skel entry point: [`crate::skel::run`] bound to the plugin.
+pub type SkelRun = fn(&dyn Fn(&str) -> Option<String>, &mut dyn Read, &mut dyn Write) -> i32;
+
+/// A plugin linked into the caller as a library: its skel entry point and the
+/// identity its binary carries (see [`crate::ident`]).
+#[derive(Clone, Copy)]
+pub struct Linked {
+    pub name: &'static str,
+    pub ident: &'static str,
+    pub run: SkelRun,
+}
+
+/// Run `linked` in-process exactly as its binary would run: through its skel, with
+/// the delegate's variables (anything else from our own environment), `stdin`, and
+/// its reply read back like a child's stdout.
+fn run_linked(linked: &Linked, command: Command, env: &Env, stdin: &[u8]) -> Result<Vec<u8>> {
+    let vars = cni_vars(command, env);
+    let var = |k: &str| match vars.iter().find(|(name, _)| *name == k) {
+        Some((_, v)) => Some(v.clone()),
+        None => std::env::var(k).ok(),
+    };
+    let mut out = Vec::new();
+    let status = (linked.run)(&var, &mut &stdin[..], &mut out);
+    if status == 0 {
+        return Ok(out);
+    }
+    Err(plugin_error(
+        &out,
+        b"",
+        std::process::ExitStatus::from_raw(status << 8),
+    ))
 }
 
 /// libcni retries exec on ETXTBSY (a binary being installed right now).
@@ -118,25 +158,55 @@ fn plugin_error(stdout: &[u8], stderr: &[u8], status: std::process::ExitStatus) 
 }
 
 /// A delegated plugin (usually IPAM) bound to one invocation's env and stdin.
+#[derive(Clone)]
 pub struct Delegate<'a> {
     pub binary: PathBuf,
     pub env: &'a Env,
     pub stdin: &'a [u8],
+    /// Set when `binary` is this linked plugin: then it runs in-process.
+    pub linked: Option<Linked>,
 }
 
 impl<'a> Delegate<'a> {
     /// Locate `plugin` on the invocation's CNI_PATH.
     pub fn find(plugin: &str, env: &'a Env, stdin: &'a [u8]) -> Result<Self> {
+        Self::find_linked(plugin, env, stdin, &[])
+    }
+
+    /// [`Delegate::find`], running the plugin in-process when the binary found is one
+    /// of `linked` at the same version (its identity section says so).
+    pub fn find_linked(
+        plugin: &str,
+        env: &'a Env,
+        stdin: &'a [u8],
+        linked: &[Linked],
+    ) -> Result<Self> {
+        let binary = find_in_path(plugin, &env.path)?;
+        let linked = linked
+            .iter()
+            .find(|l| l.name == plugin && crate::ident::matches(&binary, l.ident))
+            .copied();
+        if linked.is_some() {
+            crate::debug!("{} is ours: running it in-process", binary.display());
+        }
         Ok(Delegate {
-            binary: find_in_path(plugin, &env.path)?,
+            binary,
             env,
             stdin,
+            linked,
         })
+    }
+
+    fn call(&self, command: Command) -> Result<Vec<u8>> {
+        match &self.linked {
+            Some(l) => run_linked(l, command, self.env, self.stdin),
+            None => exec(&self.binary, command, self.env, self.stdin),
+        }
     }
 
     /// ADD: the delegate's result, read at `cni_version` (its default when it omits one).
     pub fn add(&self, cni_version: &str) -> Result<CniResult> {
-        let out = exec(&self.binary, Command::Add, self.env, self.stdin)?;
+        let out = self.call(Command::Add)?;
         let value: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
             CniError::decode(format!(
                 "failed to unmarshal result of {}: {e}",
@@ -148,7 +218,7 @@ impl<'a> Delegate<'a> {
 
     /// DEL, CHECK, GC or STATUS: success or the delegate's error.
     pub fn run(&self, command: Command) -> Result<()> {
-        exec(&self.binary, command, self.env, self.stdin).map(drop)
+        self.call(command).map(drop)
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod delegate;
 pub mod error;
+pub mod ident;
 pub mod log;
 pub mod masq;
 pub mod netlink;

@@ -41,6 +41,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod netlink;
+
 /// Environment variable naming the nft binary to run (tests, unusual installs).
 pub const NFT_ENV: &str = "WEFT_NFT";
 
@@ -494,8 +496,33 @@ impl SetDecl {
 /// statement is its own unit unless added inside [`group`](Self::group).
 #[derive(Debug, Clone, Default)]
 pub struct Transaction {
-    units: Vec<Vec<String>>,
+    units: Vec<Vec<Stmt>>,
     grouping: bool,
+}
+
+/// One statement: its text, and for element statements the structure the netlink
+/// path sends instead.
+#[derive(Debug, Clone)]
+struct Stmt {
+    text: String,
+    elems: Option<ElemOp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ElemVerb {
+    Add,
+    Create,
+    Delete,
+}
+
+/// `<verb> element <family> <table> <set> { <elems> }`.
+#[derive(Debug, Clone)]
+struct ElemOp {
+    verb: ElemVerb,
+    family: Family,
+    table: Ident,
+    set: Ident,
+    elems: Vec<Element>,
 }
 
 impl Transaction {
@@ -503,8 +530,15 @@ impl Transaction {
         Transaction::default()
     }
 
-    fn push(&mut self, stmt: String) -> &mut Self {
-        debug_assert!(!stmt.contains('\n'), "one statement per line: {stmt:?}");
+    fn push(&mut self, text: String) -> &mut Self {
+        self.push_stmt(Stmt { text, elems: None })
+    }
+
+    fn push_stmt(&mut self, stmt: Stmt) -> &mut Self {
+        debug_assert!(
+            !stmt.text.contains('\n'),
+            "one statement per line: {stmt:?}"
+        );
         match self.units.last_mut() {
             Some(unit) if self.grouping => unit.push(stmt),
             _ => self.units.push(vec![stmt]),
@@ -535,7 +569,7 @@ impl Transaction {
         for unit in other.units {
             if self.grouping {
                 for s in unit {
-                    self.push(s);
+                    self.push_stmt(s);
                 }
             } else {
                 self.units.push(unit);
@@ -674,19 +708,6 @@ impl Transaction {
         self.push(format!("flush set {family} {table} {name}"))
     }
 
-    fn element_stmt(
-        verb: &str,
-        family: Family,
-        table: &Ident,
-        set: &Ident,
-        items: &[String],
-    ) -> String {
-        format!(
-            "{verb} element {family} {table} {set} {{ {} }}",
-            items.join(", ")
-        )
-    }
-
     /// `add element`: a no-op for a key that exists with the same value (its comment is
     /// *not* updated); fails with [`ErrorKind::Exists`] if the key maps to another value.
     /// An empty list adds nothing.
@@ -697,7 +718,7 @@ impl Transaction {
         set: &Ident,
         elems: &[Element],
     ) -> &mut Self {
-        self.elements("add", family, table, set, elems)
+        self.elements(ElemVerb::Add, family, table, set, elems)
     }
 
     /// `create element`: fails with [`ErrorKind::Exists`] for any existing key.
@@ -708,12 +729,12 @@ impl Transaction {
         set: &Ident,
         elems: &[Element],
     ) -> &mut Self {
-        self.elements("create", family, table, set, elems)
+        self.elements(ElemVerb::Create, family, table, set, elems)
     }
 
     fn elements(
         &mut self,
-        verb: &str,
+        verb: ElemVerb,
         family: Family,
         table: &Ident,
         set: &Ident,
@@ -722,8 +743,30 @@ impl Transaction {
         if elems.is_empty() {
             return self;
         }
-        let items: Vec<String> = elems.iter().map(Element::to_string).collect();
-        self.push(Self::element_stmt(verb, family, table, set, &items))
+        let word = match verb {
+            ElemVerb::Add => "add",
+            ElemVerb::Create => "create",
+            ElemVerb::Delete => "delete",
+        };
+        let items: Vec<String> = match verb {
+            ElemVerb::Delete => elems.iter().map(|e| e.key.to_string()).collect(),
+            _ => elems.iter().map(Element::to_string).collect(),
+        };
+        let text = format!(
+            "{word} element {family} {table} {set} {{ {} }}",
+            items.join(", ")
+        );
+        let op = ElemOp {
+            verb,
+            family,
+            table: table.clone(),
+            set: set.clone(),
+            elems: elems.to_vec(),
+        };
+        self.push_stmt(Stmt {
+            text,
+            elems: Some(op),
+        })
     }
 
     /// `delete element` by key; fails with [`ErrorKind::NotFound`] for a missing key.
@@ -734,22 +777,37 @@ impl Transaction {
         set: &Ident,
         keys: &[Value],
     ) -> &mut Self {
-        if keys.is_empty() {
-            return self;
-        }
-        let items: Vec<String> = keys.iter().map(Value::to_string).collect();
-        self.push(Self::element_stmt("delete", family, table, set, &items))
+        let elems: Vec<Element> = keys.iter().cloned().map(Element::new).collect();
+        self.elements(ElemVerb::Delete, family, table, set, &elems)
     }
 
-    fn render(units: &[&Vec<String>]) -> String {
+    fn render(units: &[&Vec<Stmt>]) -> String {
         let mut s = String::new();
         for unit in units {
             for stmt in unit.iter() {
-                s.push_str(stmt);
+                s.push_str(&stmt.text);
                 s.push('\n');
             }
         }
         s
+    }
+
+    /// Apply `units` as one transaction: over nfnetlink when they are all element
+    /// statements it can encode (and no nft binary is forced through `WEFT_NFT`),
+    /// else through `nft -f -`. Errors are numbered by statement either way.
+    fn run_units(units: &[&Vec<Stmt>]) -> Result<(), NftError> {
+        let direct: Option<Vec<(&ElemOp, &str)>> = units
+            .iter()
+            .flat_map(|u| u.iter())
+            .map(|s| match &s.elems {
+                Some(op) if netlink::encodable(op) => Some((op, s.text.as_str())),
+                _ => None,
+            })
+            .collect();
+        match direct {
+            Some(ops) if std::env::var_os(NFT_ENV).is_none() => netlink::apply(&ops),
+            _ => run_script(&Self::render(units)).map(drop),
+        }
     }
 
     /// Apply all statements in one transaction, keeping the structured error.
@@ -757,7 +815,8 @@ impl Transaction {
         if self.is_empty() {
             return Ok(());
         }
-        run_script(&self.to_string()).map(|_| ())
+        let units: Vec<&Vec<Stmt>> = self.units.iter().collect();
+        Self::run_units(&units)
     }
 
     /// Apply all statements in one transaction; any failure is a CNI error (code 999).
@@ -772,11 +831,10 @@ impl Transaction {
     /// Use it for teardown: `apply_ignoring(&[ErrorKind::NotFound])` makes a DEL of
     /// things that are already (partly) gone succeed and delete the rest.
     pub fn apply_ignoring(&self, ignore: &[ErrorKind]) -> Result<Vec<String>, NftError> {
-        let mut units: Vec<&Vec<String>> = self.units.iter().filter(|u| !u.is_empty()).collect();
+        let mut units: Vec<&Vec<Stmt>> = self.units.iter().filter(|u| !u.is_empty()).collect();
         let mut dropped = Vec::new();
         while !units.is_empty() {
-            let text = Self::render(&units);
-            let err = match run_script(&text) {
+            let err = match Self::run_units(&units) {
                 Ok(_) => return Ok(dropped),
                 Err(e) => e,
             };
@@ -806,7 +864,7 @@ impl Transaction {
             let mut keep = Vec::with_capacity(units.len());
             for (unit, bad) in units.into_iter().zip(bad) {
                 if bad {
-                    dropped.extend(unit.iter().cloned());
+                    dropped.extend(unit.iter().map(|s| s.text.clone()));
                 } else {
                     keep.push(unit);
                 }
@@ -827,7 +885,7 @@ impl Transaction {
 
 impl fmt::Display for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let units: Vec<&Vec<String>> = self.units.iter().collect();
+        let units: Vec<&Vec<Stmt>> = self.units.iter().collect();
         f.write_str(&Self::render(&units))
     }
 }

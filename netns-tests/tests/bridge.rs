@@ -1,7 +1,9 @@
 //! The bridge plugin with host-local, run inside a "node" test netns with pods in
 //! other test namespaces: kernel state, traffic, CHECK, DEL, rollback.
 
-use netns_tests::{Invocation, Outcome, TempDir, TestNetns, bin_dir, require_root, unique_name};
+use netns_tests::{
+    Invocation, Outcome, TempDir, TestNetns, bin_dir, reference_dir, require_root, unique_name,
+};
 use serde_json::{Value, json};
 
 struct Node {
@@ -866,4 +868,46 @@ fn results_in_older_versions() {
         assert!(check(&r), "{version}: {r}");
         node.run("DEL", "a", &pod, "eth0", &conf).ok();
     }
+}
+
+/// bridge runs host-local in-process only when the `host-local` on CNI_PATH is our own
+/// build (its identity section says so); any other binary of that name, here the
+/// reference plugin, is exec'd. Both give the same reservations and the same result.
+#[test]
+fn ipam_runs_in_process_only_for_our_own_host_local() {
+    let Some(node) = Node::new() else { return };
+    assert_eq!(
+        weft_core::ident::read(&bin_dir().join("host-local")).as_deref(),
+        Some(host_local::IDENT.as_bytes())
+    );
+    assert_eq!(
+        weft_core::ident::read(&reference_dir().join("host-local")),
+        None
+    );
+    // A CNI_PATH with our bridge but the reference host-local.
+    let mixed = TempDir::new("mixed");
+    std::fs::copy(bin_dir().join("bridge"), mixed.join("bridge")).unwrap();
+    std::fs::copy(reference_dir().join("host-local"), mixed.join("host-local")).unwrap();
+
+    let conf = node.conf("wb9", &["10.89.0.0/24"], json!({}));
+    let (ours, theirs) = (TestNetns::new(), TestNetns::new());
+    let add = |pod: &TestNetns, cid: &str, dirs: &[&std::path::Path]| {
+        node.pod_call("ADD", cid, pod.path(), "eth0", &conf)
+            .path(dirs)
+            .var("WEFT_LOG", "debug")
+            .run()
+    };
+    let a = add(&ours, "c1", &[bin_dir().as_path()]);
+    assert!(a.stderr.contains("running it in-process"), "{a}");
+    let b = add(&theirs, "c2", &[mixed.path()]);
+    assert!(!b.stderr.contains("in-process"), "{b}");
+    let (ra, rb) = (a.ok(), b.ok());
+    assert_eq!(ra["ips"][0]["address"], "10.89.0.2/24");
+    assert_eq!(rb["ips"][0]["address"], "10.89.0.3/24");
+    assert_eq!(ra["ips"][0]["gateway"], rb["ips"][0]["gateway"]);
+    assert_eq!(node.reservations(), 2);
+    for (pod, cid) in [(&ours, "c1"), (&theirs, "c2")] {
+        node.run("DEL", cid, pod, "eth0", &conf).ok();
+    }
+    assert_eq!(node.reservations(), 0);
 }

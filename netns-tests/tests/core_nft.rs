@@ -154,6 +154,116 @@ fn teardown_of_a_partly_deleted_set_of_objects_succeeds_in_few_runs() {
     inside(&ns, || other.apply_teardown()).unwrap();
 }
 
+/// Element-only transactions go to the kernel over nfnetlink (no nft exec); what they
+/// leave must list exactly like the same statements run through `nft -f -`, and
+/// their errors must name the failing statement like nft's.
+#[test]
+fn element_statements_over_netlink_match_nft() {
+    if !require_root() {
+        return;
+    }
+    let (direct, text) = (TestNetns::new(), TestNetns::new());
+    let t = id("weft_t");
+    let mut setup = Transaction::new();
+    setup
+        .add_table(Family::Inet, &t, None)
+        .add_chain(Family::Inet, &t, &id("target"), None, None)
+        .add_set(
+            Family::Inet,
+            &t,
+            &id("v"),
+            &nft::SetDecl::map("ipv6_addr", "verdict"),
+        )
+        .add_set(
+            Family::Inet,
+            &t,
+            &id("o"),
+            &nft::SetDecl::map("ipv4_addr", "mark . mark"),
+        );
+    let mut elems = Transaction::new();
+    elems
+        .add_elements(
+            Family::Inet,
+            &t,
+            &id("v"),
+            &[
+                nft::Element::new(ip("fd00::1"))
+                    .comment(Comment::new("net:a id:b if:c"))
+                    .verdict(Verdict::Jump(id("target"))),
+                nft::Element::new(ip("fd00::2")).verdict(Verdict::Drop),
+            ],
+        )
+        .create_elements(
+            Family::Inet,
+            &t,
+            &id("o"),
+            &[nft::Element::new(ip("10.1.2.3"))
+                .value(Value::Concat(vec![Value::Hex(7), Value::Hex(0xfffffffe)]))],
+        )
+        .delete_elements(Family::Inet, &t, &id("v"), &[Value::Addr(ip("fd00::2"))]);
+    for ns in [&direct, &text] {
+        inside(ns, || setup.apply()).unwrap();
+    }
+    inside(&direct, || elems.apply()).unwrap();
+    let script = elems.to_string();
+    inside(&text, || nft::run_script(&script)).unwrap();
+    let list = |ns: &TestNetns| nft_in(ns, &["list", "table", "inet", "weft_t"]);
+    assert_eq!(list(&direct), list(&text));
+    assert!(list(&direct).contains("fd00::1 comment \"net:a id:b if:c\" : jump target"));
+    // Errors: the `create` of an existing key and the `delete` of a missing one, by
+    // line; nothing of the batch applied.
+    let mut again = Transaction::new();
+    again
+        .add_elements(
+            Family::Inet,
+            &t,
+            &id("v"),
+            &[nft::Element::new(ip("fd00::3")).verdict(Verdict::Accept)],
+        )
+        .create_elements(
+            Family::Inet,
+            &t,
+            &id("o"),
+            &[nft::Element::new(ip("10.1.2.3"))
+                .value(Value::Concat(vec![Value::Hex(7), Value::Hex(0xfffffffe)]))],
+        )
+        .delete_elements(Family::Inet, &t, &id("v"), &[Value::Addr(ip("fd00::9"))]);
+    let err = inside(&direct, || again.try_apply()).unwrap_err();
+    let nft::NftError::Failed { errors, .. } = &err else {
+        panic!("{err:?}")
+    };
+    let got: Vec<(usize, ErrorKind)> = errors.iter().map(|e| (e.line, e.kind)).collect();
+    assert_eq!(
+        got,
+        [(2, ErrorKind::Exists), (3, ErrorKind::NotFound)],
+        "{err}"
+    );
+    assert!(
+        errors[1]
+            .statement
+            .starts_with("delete element inet weft_t v"),
+        "{err}"
+    );
+    assert!(!list(&direct).contains("fd00::3"));
+    // apply_ignoring drops exactly the failing units.
+    let dropped = inside(&direct, || {
+        again.apply_ignoring(&[ErrorKind::Exists, ErrorKind::NotFound])
+    })
+    .unwrap();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert!(list(&direct).contains("fd00::3"));
+    // A missing table is ENOENT as well.
+    let mut missing = Transaction::new();
+    missing.add_elements(
+        Family::Inet,
+        &id("nosuch"),
+        &id("v"),
+        &[nft::Element::new(ip("fd00::1"))],
+    );
+    let err = inside(&direct, || missing.try_apply()).unwrap_err();
+    assert!(err.only(&[ErrorKind::NotFound]), "{err}");
+}
+
 #[test]
 fn builder_output_is_accepted_by_nft() {
     if !require_root() {

@@ -13,9 +13,50 @@ use range::{candidates, describe, range_for};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use store::{Owner, Store};
+use weft_core::delegate::Linked;
 use weft_core::error::{CniError, Result, code};
-use weft_core::skel::{Attachment, Request};
+use weft_core::skel::{self, About, Attachment, Plugin, Request};
 use weft_core::spec::{CniResult, IpConfig};
+
+pub const ABOUT: About = About {
+    name: "host-local",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// The identity the `host-local` binary carries (see [`weft_core::ident`]).
+pub const IDENT: &str = concat!("weft host-local ", env!("CARGO_PKG_VERSION"));
+
+/// host-local as a library plugins can delegate to in-process.
+pub const LINKED: Linked = Linked {
+    name: "host-local",
+    ident: IDENT,
+    run: |var, stdin, stdout| skel::run(&ABOUT, &HostLocal, var, stdin, stdout),
+};
+
+/// The plugin: every verb works on the data directory alone.
+pub struct HostLocal;
+
+impl Plugin for HostLocal {
+    /// IPAM only touches its data directory; the pod's netns is the main plugin's.
+    fn uses_netns(&self) -> bool {
+        false
+    }
+    fn add(&self, req: &Request) -> Result<CniResult> {
+        add(req)
+    }
+    fn del(&self, req: &Request) -> Result<()> {
+        del(req)
+    }
+    fn check(&self, req: &Request) -> Result<()> {
+        check(req)
+    }
+    fn gc(&self, req: &Request) -> Result<()> {
+        gc(req)
+    }
+    fn status(&self, req: &Request) -> Result<()> {
+        status(req)
+    }
+}
 
 /// ADD: one address from every range set, all or nothing.
 pub fn add(req: &Request) -> Result<CniResult> {

@@ -1,7 +1,7 @@
 //! ADD: bridge, veth (peer created directly in the pod), IPAM, addresses, routes,
 //! gateway. Every step registers its undo, so a failure leaves nothing behind.
 
-use crate::config::{BridgeConf, format_mac, ipam_type, requested_mac};
+use crate::config::{BridgeConf, find_ipam, format_mac, ipam_type, requested_mac};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_core::delegate::Delegate;
@@ -171,14 +171,16 @@ fn pod_sysctls(ifname: &str, enabledad: bool) -> Result<()> {
 }
 
 fn run_ipam(req: &Request, ipam: &str, undo: &mut Undo) -> Result<CniResult> {
-    let delegate = Delegate::find(ipam, &req.env, &req.stdin)?;
+    let delegate = find_ipam(req, ipam)?;
     let result = delegate.add(req.version())?;
-    let (binary, env, stdin) = (delegate.binary.clone(), req.env.clone(), req.stdin.clone());
+    let (binary, linked) = (delegate.binary.clone(), delegate.linked);
+    let (env, stdin) = (req.env.clone(), req.stdin.clone());
     undo.push(move || {
         let d = Delegate {
             binary,
             env: &env,
             stdin: &stdin,
+            linked,
         };
         if let Err(e) = d.run(Command::Del) {
             weft_core::warn!("rolling back IPAM failed: {e}");

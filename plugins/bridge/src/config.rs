@@ -126,9 +126,14 @@ pub fn ip_masq(req: &Request) -> bool {
 /// Run `command` on the IPAM plugin, if the config names one.
 pub fn forward_to_ipam(req: &Request, command: Command) -> Result<()> {
     match ipam_type(req) {
-        Some(ipam) => Delegate::find(ipam, &req.env, &req.stdin)?.run(command),
+        Some(ipam) => find_ipam(req, ipam)?.run(command),
         None => Ok(()),
     }
+}
+
+/// The IPAM plugin `ipam` on CNI_PATH; weft's own host-local runs in-process.
+pub fn find_ipam<'a>(req: &'a Request, ipam: &str) -> Result<Delegate<'a>> {
+    Delegate::find_linked(ipam, &req.env, &req.stdin, &[host_local::LINKED])
 }
 
 /// The IPAM plugin to delegate to, if any.

@@ -44,6 +44,7 @@ impl Plugin for Bridge {
 }
 
 fn main() {
+    weft_core::embed_ident!(concat!("weft bridge ", env!("CARGO_PKG_VERSION")));
     skel::main(
         About {
             name: "bridge",
