@@ -2,6 +2,7 @@
 //! namespaces, and the small helpers every plugin needs.
 
 pub mod args;
+pub mod background;
 pub mod delegate;
 pub mod error;
 pub mod ident;

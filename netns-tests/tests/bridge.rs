@@ -86,6 +86,19 @@ fn pod_links(pod: &TestNetns) -> Vec<String> {
         .collect()
 }
 
+/// The pod's links once DEL's background deletion of retired interfaces (`wdel…`)
+/// has finished: they must go within a few seconds.
+fn pod_links_after_del(pod: &TestNetns) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let links = pod_links(pod);
+        if !links.iter().any(|l| l.starts_with("wdel")) || std::time::Instant::now() > deadline {
+            return links;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn ping(from: &TestNetns, to: &str) -> bool {
     from.exec(&["ping", "-c", "1", "-W", "2", to])
         .status
@@ -147,7 +160,7 @@ fn add_check_del_dual_stack() {
     );
 
     node.run("DEL", "c1", &pod, "eth0", &conf).ok();
-    assert_eq!(pod_links(&pod), ["lo"]);
+    assert_eq!(pod_links_after_del(&pod), ["lo"]);
     assert!(
         !node.links().iter().any(|l| l.starts_with("veth")),
         "{:?}",
@@ -413,10 +426,10 @@ fn conflist_example_through_the_driver() {
         .to_string();
     assert!(ping(&b, &ip_a), "b reaches a");
     driver.gc(&[("a", "eth0")]).unwrap(); // b's cached attachment is DELeted
-    assert_eq!(pod_links(&b), ["lo"]);
+    assert_eq!(pod_links_after_del(&b), ["lo"]);
     assert!(!driver.cache_path("b", "eth0").exists());
     driver.del(&att_a).unwrap();
-    assert_eq!(pod_links(&a), ["lo"]);
+    assert_eq!(pod_links_after_del(&a), ["lo"]);
     assert_eq!(node.reservations(), 0);
     assert!(!driver.cache_path("a", "eth0").exists());
 }
@@ -770,7 +783,7 @@ fn del_retry_after_missing_ipam_leaves_nothing() {
         "{}",
         masq_elements(&node)
     );
-    assert_eq!(pod_links(&pod), ["lo"]);
+    assert_eq!(pod_links_after_del(&pod), ["lo"]);
 }
 
 /// B04 and B06 through the binary: a bad CNI_NETNS or a bridge name taken by another
@@ -909,5 +922,52 @@ fn ipam_runs_in_process_only_for_our_own_host_local() {
     for (pod, cid) in [(&ours, "c1"), (&theirs, "c2")] {
         node.run("DEL", cid, pod, "eth0", &conf).ok();
     }
+    assert_eq!(node.reservations(), 0);
+}
+
+/// DEL replies once the pod's interface is down and renamed out of the way and its
+/// address released; the kernel's ~20 ms veth deletion finishes in a detached
+/// process. The runtime can ADD the same ifname again at once, traffic through the
+/// retired interface stops immediately, and nothing is left afterwards.
+#[test]
+fn del_frees_the_interface_at_once_and_deletes_it_in_the_background() {
+    let Some(node) = Node::new() else { return };
+    let (pod, peer) = (TestNetns::new(), TestNetns::new());
+    let conf = node.conf("wb21", &["10.107.0.0/24"], json!({"isGateway": true}));
+    let r = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    let first_ip = r["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    node.run("ADD", "p", &peer, "eth0", &conf).ok();
+    assert!(ping(&peer, &first_ip));
+    node.run("DEL", "a", &pod, "eth0", &conf).ok();
+    // Whatever state the deletion is in, the old address no longer answers.
+    assert!(
+        !ping(&peer, &first_ip),
+        "the retired interface still carries traffic"
+    );
+    let again = node.run("ADD", "a", &pod, "eth0", &conf).ok();
+    assert_eq!(again["interfaces"][2]["name"], "eth0");
+    let links = pod_links_after_del(&pod);
+    assert_eq!(links, ["lo", "eth0"]);
+    let veths = node
+        .links()
+        .into_iter()
+        .filter(|l| l.starts_with("veth"))
+        .count();
+    assert_eq!(veths, 2, "{:?}", node.links());
+    for (p, cid) in [(&pod, "a"), (&peer, "p")] {
+        node.run("DEL", cid, p, "eth0", &conf).ok();
+        assert_eq!(pod_links_after_del(p), ["lo"]);
+    }
+    assert!(
+        !node.links().iter().any(|l| l.starts_with("veth")),
+        "{:?}",
+        node.links()
+    );
     assert_eq!(node.reservations(), 0);
 }

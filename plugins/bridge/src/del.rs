@@ -1,17 +1,29 @@
-//! DEL: remove the pod's interface (its host peer goes with it), release the
-//! addresses and the masquerade state. Needs neither the netns nor prevResult, and
-//! succeeds when repeated.
+//! DEL: take the pod's interface out of service, release the addresses and the
+//! masquerade state, and leave the interface's deletion (its host peer goes with it)
+//! to a detached process. Needs neither the netns nor prevResult, and succeeds when
+//! repeated.
 
 use crate::config::{forward_to_ipam, ip_masq};
 use std::net::IpAddr;
 use weft_core::error::Result;
-use weft_core::masq;
 use weft_core::netlink::Netlink;
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
+use weft_core::{background, masq};
 
 pub fn del(req: &Request) -> Result<()> {
-    let addrs = remove_pod_interface(req)?;
+    let retired = retire_pod_interface(req)?;
+    let released = release(req, retired.as_ref().map(|r| r.addrs.as_slice()));
+    if let Some(r) = retired {
+        // The kernel needs ~20 ms to delete a veth; nothing waits for it (see
+        // weft_core::background), even when releasing failed.
+        background::run("deleting the pod's interface", move || r.delete());
+    }
+    released
+}
+
+/// The addresses and the masquerade state of the attachment.
+fn release(req: &Request, addrs: Option<&[IpAddr]>) -> Result<()> {
     forward_to_ipam(req, Command::Del)?;
     if ip_masq(req) {
         // Without the interface's addresses (netns or interface gone, as with
@@ -21,19 +33,36 @@ pub fn del(req: &Request) -> Result<()> {
             &req.conf.name,
             &req.env.container_id,
             &req.env.ifname,
-            addrs.as_deref(),
+            addrs,
         )?;
     }
     Ok(())
 }
 
-/// Delete CNI_IFNAME in the pod; the addresses it had, if it was still there.
-fn remove_pod_interface(req: &Request) -> Result<Option<Vec<IpAddr>>> {
+/// The pod's interface, down and renamed out of the way, awaiting deletion.
+struct Retired {
+    netns: NetNs,
+    index: u32,
+    addrs: Vec<IpAddr>,
+}
+
+impl Retired {
+    fn delete(self) -> Result<()> {
+        Netlink::in_netns(&self.netns)?
+            .delete_link(self.index)
+            .map(drop)
+    }
+}
+
+/// Take CNI_IFNAME in the pod out of service (down: both ends of the veth lose
+/// carrier; renamed: the name is free for a new ADD at once). `None` if the netns
+/// or the interface is gone.
+fn retire_pod_interface(req: &Request) -> Result<Option<Retired>> {
     // The skel cleared CNI_NETNS if it was unusable; a namespace gone since is fine too.
-    let Ok(pod) = NetNs::open(&req.env.netns) else {
+    let Ok(netns) = NetNs::open(&req.env.netns) else {
         return Ok(None);
     };
-    let nl = Netlink::in_netns(&pod)?;
+    let nl = Netlink::in_netns(&netns)?;
     let Some(link) = nl.link_by_name(&req.env.ifname)? else {
         return Ok(None);
     };
@@ -45,8 +74,13 @@ fn remove_pod_interface(req: &Request) -> Result<Option<Vec<IpAddr>>> {
         .map(|a| a.addr())
         .filter(|a| !is_link_local(a))
         .collect();
-    nl.delete_link(link.index)?;
-    Ok(Some(addrs))
+    // Unique in the pod's netns, like the index it is made of.
+    nl.retire_link(link.index, &format!("wdel{:08x}", link.index))?;
+    Ok(Some(Retired {
+        netns,
+        index: link.index,
+        addrs,
+    }))
 }
 
 fn is_link_local(addr: &IpAddr) -> bool {
