@@ -1,5 +1,8 @@
 //! nftables text transactions: build statements as text, pipe them to `nft -f -` as
-//! one atomic kernel transaction.
+//! one atomic kernel transaction. Transactions made only of set-element statements
+//! skip nft: the `netlink` submodule sends them as one nfnetlink batch (same atomicity, same
+//! per-statement errors, ~0.2 ms instead of ~3.5 ms), unless `WEFT_NFT` names an nft
+//! binary to use.
 //!
 //! Why text and not JSON or netlink: the text syntax is nft's documented one, the
 //! generated text is easy to read and snapshot, and one `nft -f -` run is one kernel
