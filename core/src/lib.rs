@@ -7,6 +7,7 @@ pub mod delegate;
 pub mod error;
 pub mod ident;
 pub mod log;
+pub mod macspoof;
 pub mod masq;
 pub mod netlink;
 pub mod netns;

@@ -172,6 +172,10 @@ pub enum Value {
     Hex(u64),
     /// Trusted keyword text from the caller's source code (`tcp`, `ipv4_addr`).
     Kw(&'static str),
+    /// An interface name (`ifname` type), printed quoted: `"veth1a2b3c4d"`.
+    Iface(Ident),
+    /// An Ethernet address (`ether_addr` type): `02:00:0a:00:00:05`.
+    Mac([u8; 6]),
     /// `a . b . c`
     Concat(Vec<Value>),
 }
@@ -208,6 +212,12 @@ impl fmt::Display for Value {
             Value::Num(n) => write!(f, "{n}"),
             Value::Hex(n) => write!(f, "0x{n:08x}"),
             Value::Kw(k) => f.write_str(k),
+            Value::Iface(name) => write!(f, "\"{name}\""),
+            Value::Mac(m) => write!(
+                f,
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
             Value::Concat(parts) => {
                 for (i, p) in parts.iter().enumerate() {
                     if i > 0 {

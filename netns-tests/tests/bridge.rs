@@ -288,7 +288,6 @@ fn bad_configs_change_nothing() {
         (json!({"hairpinMode": true, "promiscMode": true}), 7),
         (json!({"vlan": 5000}), 7),
         (json!({"vlan": 10}), 2),
-        (json!({"macspoofchk": true}), 2),
         (json!({"ipMasqBackend": "iptables"}), 2),
         (json!({"mtu": 10}), 7),
         (json!({"bridge": "a-bridge-name-too-long"}), 7),
@@ -388,6 +387,7 @@ fn status_and_gc_go_to_ipam() {
     node.run("ADD", "a", &pod, "eth0", &conf).ok();
     assert_eq!(status().err().code, 50, "the only address is taken");
     let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
     gc["cni.dev/valid-attachments"] = json!([]);
     node.call("GC", &gc).run().ok();
     assert_eq!(node.reservations(), 0);
@@ -970,4 +970,74 @@ fn del_frees_the_interface_at_once_and_deletes_it_in_the_background() {
         node.links()
     );
     assert_eq!(node.reservations(), 0);
+}
+
+fn macspoof_table(node: &Node) -> String {
+    let out = node
+        .ns
+        .exec(&["nft", "list", "table", "bridge", "weft_macspoof"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// B21: macspoofchk lets only the pod's own MAC into the bridge (one set element pair
+/// per pod); CHECK notices a changed MAC; DEL with or without the netns and GC remove
+/// the guard.
+#[test]
+fn macspoofchk_drops_spoofed_frames_and_leaves_nothing() {
+    let Some(node) = Node::new() else { return };
+    let (a, b, c) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
+    let conf = node.conf(
+        "wb22",
+        &["10.108.0.0/24"],
+        json!({"isGateway": true, "macspoofchk": true}),
+    );
+    let ra = node.run("ADD", "a", &a, "eth0", &conf).ok();
+    node.run("ADD", "b", &b, "eth0", &conf).ok();
+    let veth_a = ra["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let mac_a = ra["interfaces"][2]["mac"].as_str().unwrap().to_string();
+    let table = macspoof_table(&node);
+    assert!(
+        table.contains(&format!("\"{veth_a}\" . {mac_a}")),
+        "{table}"
+    );
+    assert!(table.contains("comment \"net:"), "{table}");
+    assert!(ping(&a, "10.108.0.3") && ping(&b, "10.108.0.2"));
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = ra.clone();
+    node.run("CHECK", "a", &a, "eth0", &with_prev).ok();
+
+    // a takes another MAC: its frames are dropped, and CHECK says why.
+    a.exec_ok(&[
+        "ip",
+        "link",
+        "set",
+        "dev",
+        "eth0",
+        "address",
+        "02:de:ad:be:ef:01",
+    ]);
+    a.exec_ok(&["ip", "neigh", "flush", "all"]);
+    assert!(!ping(&a, "10.108.0.3"), "spoofed frames got through");
+    let e = node.run("CHECK", "a", &a, "eth0", &with_prev).err();
+    assert_eq!(e.code, 102, "{}", e.msg);
+    a.exec_ok(&["ip", "link", "set", "dev", "eth0", "address", &mac_a]);
+    assert!(ping(&a, "10.108.0.3"), "the real MAC passes again");
+
+    // DEL with the netns, DEL without it (found by comment), GC.
+    node.run("DEL", "a", &a, "eth0", &conf).ok();
+    assert!(!macspoof_table(&node).contains(&veth_a));
+    let gone = node.dir.join("gone");
+    node.pod_call("DEL", "b", &gone, "eth0", &conf).run().ok();
+    assert!(
+        !macspoof_table(&node).contains("id:b "),
+        "{}",
+        macspoof_table(&node)
+    );
+    node.run("ADD", "c", &c, "eth0", &conf).ok();
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([]);
+    node.call("GC", &gc).run().ok();
+    let table = macspoof_table(&node);
+    assert!(!table.contains("elements"), "{table}");
 }

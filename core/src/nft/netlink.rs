@@ -38,7 +38,8 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTNL_UDATA_SET_ELEM_COMMENT: u8 = 0;
 
 /// Whether every element of `op` can be encoded without knowing the set's types:
-/// addresses, 32-bit marks ([`Value::Hex`]) and concatenations of them, verdicts.
+/// addresses, 32-bit marks ([`Value::Hex`]), interface names, MACs, concatenations
+/// of them, verdicts.
 pub(super) fn encodable(op: &ElemOp) -> bool {
     op.elems.iter().all(|e| {
         value_bytes(&e.key).is_some()
@@ -56,6 +57,13 @@ fn value_bytes(v: &Value) -> Option<Vec<u8>> {
         Value::Addr(IpAddr::V4(a)) => Some(a.octets().to_vec()),
         Value::Addr(IpAddr::V6(a)) => Some(a.octets().to_vec()),
         Value::Hex(n) => Some(u32::try_from(*n).ok()?.to_ne_bytes().to_vec()),
+        // The kernel compares interface names as IFNAMSIZ bytes, NUL-padded.
+        Value::Iface(name) if name.as_str().len() < 16 => {
+            let mut b = name.as_str().as_bytes().to_vec();
+            b.resize(16, 0);
+            Some(b)
+        }
+        Value::Mac(m) => Some(m.to_vec()),
         Value::Concat(parts) => {
             let mut out = Vec::new();
             for p in parts {
@@ -68,7 +76,7 @@ fn value_bytes(v: &Value) -> Option<Vec<u8>> {
             }
             Some(out)
         }
-        Value::Net(_) | Value::Num(_) | Value::Kw(_) => None,
+        Value::Net(_) | Value::Num(_) | Value::Kw(_) | Value::Iface(_) => None,
     }
 }
 

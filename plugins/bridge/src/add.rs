@@ -6,12 +6,12 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_core::delegate::Delegate;
 use weft_core::error::{CniError, Result};
-use weft_core::masq;
 use weft_core::netlink::{Link, Netlink};
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
 use weft_core::spec::{CniResult, Interface, IpConfig, Route};
 use weft_core::sysctl;
+use weft_core::{macspoof, masq};
 
 /// Undo actions, run newest first when ADD fails.
 #[derive(Default)]
@@ -65,6 +65,10 @@ fn setup(
     pod.run(move || pod_sysctls(&ifname, enabledad))??;
     // Read once: nothing below changes its index, name or MAC.
     let pod_if = pod_link(pod_nl, &req.env.ifname)?;
+    if conf.macspoofchk {
+        // Before the pod's interface goes up, so no spoofed frame slips through.
+        guard_mac(req, &host_veth, &pod_if, undo)?;
+    }
 
     let mut result = CniResult::default();
     if let Some(ipam) = ipam_type(req) {
@@ -190,6 +194,30 @@ fn run_ipam(req: &Request, ipam: &str, undo: &mut Undo) -> Result<CniResult> {
         return Err(CniError::internal("IPAM plugin returned missing IP config"));
     }
     Ok(result)
+}
+
+/// macspoofchk: only the pod's own MAC may enter the bridge from its veth.
+fn guard_mac(req: &Request, host_veth: &Link, pod_if: &Link, undo: &mut Undo) -> Result<()> {
+    let mac: [u8; 6] = pod_if
+        .mac
+        .as_slice()
+        .try_into()
+        .map_err(|_| CniError::internal(format!("{} has no Ethernet address", pod_if.name)))?;
+    let att = masq::Attachment::new(&req.conf.name, &req.env.container_id, &req.env.ifname);
+    macspoof::add(&att, &host_veth.name, mac)?;
+    let (net, cid, ifname, veth) = (
+        req.conf.name.clone(),
+        req.env.container_id.clone(),
+        req.env.ifname.clone(),
+        host_veth.name.clone(),
+    );
+    undo.push(move || {
+        let att = masq::Attachment::new(&net, &cid, &ifname);
+        if let Err(e) = macspoof::del(&att, Some((&veth, mac))) {
+            weft_core::warn!("rolling back macspoofchk failed: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// nftables masquerade for the pod's addresses, in weft's own table.

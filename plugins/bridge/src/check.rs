@@ -2,11 +2,11 @@
 
 use crate::config::{BridgeConf, format_mac, forward_to_ipam};
 use weft_core::error::{CniError, Result, code};
-use weft_core::masq;
 use weft_core::netlink::{Link, Netlink};
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
 use weft_core::spec::CniResult;
+use weft_core::{macspoof, masq};
 
 fn failed(msg: String) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
@@ -23,8 +23,21 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<()> {
     let pod = NetNs::open(&req.env.netns)?;
     let pod_nl = Netlink::in_netns(&pod)?;
     let pod_if = check_pod_interface(req, &prev, &pod_nl)?;
-    check_host_veth(conf, &prev, &host, &pod_if, &bridge)?;
+    let veth = check_host_veth(conf, &prev, &host, &pod_if, &bridge)?;
     check_l3(&prev, &pod_nl, &pod_if)?;
+    if conf.macspoofchk {
+        let mac: Option<[u8; 6]> = pod_if.mac.as_slice().try_into().ok();
+        let guarded = match mac {
+            Some(m) => macspoof::check(&veth.name, m)?,
+            None => false,
+        };
+        if !guarded {
+            return Err(failed(format!(
+                "macspoofchk: {} is not guarded to the MAC of {}",
+                veth.name, pod_if.name
+            )));
+        }
+    }
     if conf.ip_masq {
         let nets: Vec<_> = prev.ips.iter().map(|ip| ip.address).collect();
         masq::check(
@@ -83,7 +96,7 @@ fn check_host_veth(
     host: &Netlink,
     pod_if: &Link,
     bridge: &Link,
-) -> Result<()> {
+) -> Result<Link> {
     let missing = || {
         failed(format!(
             "CNI veth created for bridge {} was not found",
@@ -107,7 +120,7 @@ fn check_host_veth(
             veth.name, conf.hairpin_mode, conf.port_isolation
         )));
     }
-    Ok(())
+    Ok(veth)
 }
 
 fn check_l3(prev: &CniResult, pod_nl: &Netlink, pod_if: &Link) -> Result<()> {

@@ -93,9 +93,6 @@ impl BridgeConf {
         if let Some(trunk) = &self.vlan_trunk {
             return unsupported("vlanTrunk", trunk.to_string());
         }
-        if self.macspoofchk {
-            return unsupported("macspoofchk", "true".into());
-        }
         match self.ip_masq_backend.as_deref() {
             None | Some("") | Some("nftables") => {}
             Some(other) => {
@@ -134,6 +131,15 @@ pub fn forward_to_ipam(req: &Request, command: Command) -> Result<()> {
 /// The IPAM plugin `ipam` on CNI_PATH; weft's own host-local runs in-process.
 pub fn find_ipam<'a>(req: &'a Request, ipam: &str) -> Result<Delegate<'a>> {
     Delegate::find_linked(ipam, &req.env, &req.stdin, &[host_local::LINKED])
+}
+
+/// `macspoofchk` as DEL and GC read it (without the rest of the config's checks).
+pub fn macspoofchk(req: &Request) -> bool {
+    req.conf
+        .extra
+        .get("macspoofchk")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// The IPAM plugin to delegate to, if any.

@@ -3,17 +3,17 @@
 //! to a detached process. Needs neither the netns nor prevResult, and succeeds when
 //! repeated.
 
-use crate::config::{forward_to_ipam, ip_masq};
+use crate::config::{forward_to_ipam, ip_masq, macspoofchk};
 use std::net::IpAddr;
 use weft_core::error::Result;
 use weft_core::netlink::Netlink;
 use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
-use weft_core::{background, masq};
+use weft_core::{background, macspoof, masq};
 
 pub fn del(req: &Request) -> Result<()> {
     let retired = retire_pod_interface(req)?;
-    let released = release(req, retired.as_ref().map(|r| r.addrs.as_slice()));
+    let released = release(req, retired.as_ref());
     if let Some(r) = retired {
         // The kernel needs ~20 ms to delete a veth; nothing waits for it (see
         // weft_core::background), even when releasing failed.
@@ -22,9 +22,15 @@ pub fn del(req: &Request) -> Result<()> {
     released
 }
 
-/// The addresses and the masquerade state of the attachment.
-fn release(req: &Request, addrs: Option<&[IpAddr]>) -> Result<()> {
+/// The addresses, the MAC guard and the masquerade state of the attachment.
+fn release(req: &Request, retired: Option<&Retired>) -> Result<()> {
     forward_to_ipam(req, Command::Del)?;
+    let att = masq::Attachment::new(&req.conf.name, &req.env.container_id, &req.env.ifname);
+    if macspoofchk(req) {
+        let hint = retired.and_then(|r| Some((r.host_veth.as_deref()?, r.mac?)));
+        macspoof::del(&att, hint)?;
+    }
+    let addrs = retired.map(|r| r.addrs.as_slice());
     if ip_masq(req) {
         // Without the interface's addresses (netns or interface gone, as with
         // nerdctl's empty CNI_NETNS), masq finds this attachment's entries itself:
@@ -44,6 +50,9 @@ struct Retired {
     netns: NetNs,
     index: u32,
     addrs: Vec<IpAddr>,
+    mac: Option<[u8; 6]>,
+    /// The host end's name, looked up only for macspoofchk.
+    host_veth: Option<String>,
 }
 
 impl Retired {
@@ -74,12 +83,18 @@ fn retire_pod_interface(req: &Request) -> Result<Option<Retired>> {
         .map(|a| a.addr())
         .filter(|a| !is_link_local(a))
         .collect();
+    let host_veth = match link.peer.filter(|_| macspoofchk(req)) {
+        Some(peer) => Netlink::host()?.link_by_index(peer)?.map(|l| l.name),
+        None => None,
+    };
     // Unique in the pod's netns, like the index it is made of.
     nl.retire_link(link.index, &format!("wdel{:08x}", link.index))?;
     Ok(Some(Retired {
         netns,
         index: link.index,
         addrs,
+        mac: link.mac.as_slice().try_into().ok(),
+        host_veth,
     }))
 }
 

@@ -25,15 +25,19 @@ impl Plugin for Bridge {
         check::check(req, &BridgeConf::load(req)?)
     }
 
-    /// Masquerade state of attachments the runtime no longer lists, then IPAM's GC.
+    /// Masquerade and MAC-guard state of attachments the runtime no longer lists,
+    /// then IPAM's GC.
     fn gc(&self, req: &Request) -> Result<()> {
         let valid = req.valid_attachments()?;
+        let pairs: Vec<(&str, &str)> = valid
+            .iter()
+            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+            .collect();
         if config::ip_masq(req) {
-            let pairs: Vec<(&str, &str)> = valid
-                .iter()
-                .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
-                .collect();
             weft_core::masq::gc(&req.conf.name, &pairs)?;
+        }
+        if config::macspoofchk(req) {
+            weft_core::macspoof::gc(&req.conf.name, &pairs)?;
         }
         forward_to_ipam(req, Command::Gc)
     }

@@ -1,0 +1,251 @@
+//! bridge `macspoofchk`: frames a pod sends with any source MAC but its own are
+//! dropped before the bridge forwards them, in nftables table `bridge weft_macspoof`.
+//!
+//! ```text
+//! table bridge weft_macspoof {
+//!   set ports   { type ifname; }                 # guarded host veths
+//!   set allowed { type ifname . ether_addr; }    # each one's pod MAC
+//!   chain prerouting { type filter hook prerouting priority dstnat; policy accept;
+//!     iifname @ports iifname . ether saddr != @allowed drop }
+//! }
+//! ```
+//!
+//! A pod costs two set elements, added and deleted in one kernel transaction (no
+//! per-pod chains or rules, unlike the reference, whose DEL needs rule handles). The
+//! `ports` element carries the attachment's comment, so a DEL that has lost the
+//! interface, and GC, find it by listing.
+
+use crate::error::{CniError, Result};
+use crate::masq::Attachment;
+use crate::nft::{
+    self, BaseChain, ChainType, Comment, Element, ErrorKind, Family, Hook, Ident, Listing, Policy,
+    Priority, Rule, SetDecl, Transaction, Value, Verdict,
+};
+
+pub const TABLE: &str = "weft_macspoof";
+const FAMILY: Family = Family::Bridge;
+const PORTS: &str = "ports";
+const ALLOWED: &str = "allowed";
+const CHAIN: &str = "prerouting";
+const TABLE_COMMENT: &str = "weft bridge macspoofchk - managed by weft, do not edit";
+
+fn constant(s: &str) -> Ident {
+    Ident::new(s).expect("constant nft names are valid")
+}
+
+fn iface(name: &str) -> Result<Value> {
+    Ident::new(name).map(Value::Iface)
+}
+
+/// Table, sets and the one rule (idempotent; the chain is rewritten).
+pub fn ensure_tx() -> Transaction {
+    let (t, chain) = (constant(TABLE), constant(CHAIN));
+    let (ports, allowed) = (constant(PORTS), constant(ALLOWED));
+    let mut tx = Transaction::new();
+    tx.add_table(FAMILY, &t, Some(&Comment::new(TABLE_COMMENT)))
+        .add_set(FAMILY, &t, &ports, &SetDecl::set("ifname"))
+        .add_set(FAMILY, &t, &allowed, &SetDecl::set("ifname . ether_addr"))
+        .add_chain(
+            FAMILY,
+            &t,
+            &chain,
+            Some(&BaseChain {
+                kind: ChainType::Filter,
+                hook: Hook::Prerouting,
+                priority: Priority::DstNat,
+                policy: Policy::Accept,
+            }),
+            None,
+        )
+        .flush_chain(FAMILY, &t, &chain)
+        .add_rule(
+            FAMILY,
+            &t,
+            &chain,
+            &Rule::new()
+                .kw("iifname")
+                .set_ref(&ports)
+                .kw("iifname . ether saddr !=")
+                .set_ref(&allowed)
+                .verdict(&Verdict::Drop),
+        );
+    tx
+}
+
+fn elements_tx(tx: &mut Transaction, att: &Attachment<'_>, veth: &str, mac: [u8; 6]) -> Result<()> {
+    let t = constant(TABLE);
+    let port = iface(veth)?;
+    tx.add_elements(
+        FAMILY,
+        &t,
+        &constant(ALLOWED),
+        &[Element::new(Value::Concat(vec![
+            port.clone(),
+            Value::Mac(mac),
+        ]))],
+    )
+    .add_elements(
+        FAMILY,
+        &t,
+        &constant(PORTS),
+        &[Element::new(port).comment(att.comment())],
+    );
+    Ok(())
+}
+
+/// Allow only `mac` from host veth `veth` (the allowed pair first, then the guard,
+/// in one transaction).
+pub fn add(att: &Attachment<'_>, veth: &str, mac: [u8; 6]) -> Result<()> {
+    let mut tx = Transaction::new();
+    elements_tx(&mut tx, att, veth, mac)?;
+    match tx.try_apply() {
+        Ok(()) => return Ok(()),
+        Err(e) if e.only(&[ErrorKind::NotFound]) => {}
+        Err(e) => return Err(CniError::from(e).context("macspoofchk")),
+    }
+    let mut full = ensure_tx();
+    full.extend(tx);
+    full.apply().map_err(|e| e.context("macspoofchk"))
+}
+
+/// Remove the guard of host veth `veth` and its allowed MAC. With the pair known
+/// (`hint`) that is one transaction with no listing; without (the interface is gone)
+/// the attachment's guard is found by its comment. Idempotent.
+pub fn del(att: &Attachment<'_>, hint: Option<(&str, [u8; 6])>) -> Result<()> {
+    let tx = match hint {
+        Some((veth, mac)) => {
+            let t = constant(TABLE);
+            let port = iface(veth)?;
+            let pair = Value::Concat(vec![port.clone(), Value::Mac(mac)]);
+            let mut tx = Transaction::new();
+            tx.delete_elements(FAMILY, &t, &constant(PORTS), &[port])
+                .delete_elements(FAMILY, &t, &constant(ALLOWED), &[pair]);
+            tx
+        }
+        None => {
+            let Some(l) = nft::list_table(FAMILY, &constant(TABLE))
+                .map_err(|e| e.context("macspoofchk teardown"))?
+            else {
+                return Ok(());
+            };
+            let comment = att.comment();
+            let ports: Vec<String> = guards(&l)
+                .filter(|(_, c)| *c == Some(comment.as_str()))
+                .map(|(p, _)| p)
+                .collect();
+            delete_tx(&l, &ports)?
+        }
+    };
+    tx.apply_teardown()
+        .map_err(|e| e.context("macspoofchk teardown"))
+}
+
+/// GC: remove the guards (and MACs) of `network`'s attachments not in `valid`.
+pub fn gc(network: &str, valid: &[(&str, &str)]) -> Result<usize> {
+    let Some(l) = nft::list_table(FAMILY, &constant(TABLE))? else {
+        return Ok(0);
+    };
+    let keep: Vec<String> = valid
+        .iter()
+        .map(|(cid, ifname)| {
+            Attachment::new(network, cid, ifname)
+                .comment()
+                .as_str()
+                .to_string()
+        })
+        .collect();
+    let prefix = format!("net:{network} ");
+    let stale: Vec<String> = guards(&l)
+        .filter(|(_, c)| c.is_some_and(|c| c.starts_with(&prefix) && !keep.iter().any(|k| k == c)))
+        .map(|(p, _)| p)
+        .collect();
+    delete_tx(&l, &stale)?
+        .apply_teardown()
+        .map_err(|e| e.context("macspoofchk GC"))?;
+    Ok(stale.len())
+}
+
+/// Whether `veth` is guarded and allows exactly `mac`.
+pub fn check(veth: &str, mac: [u8; 6]) -> Result<bool> {
+    let Some(l) = nft::list_table(FAMILY, &constant(TABLE))? else {
+        return Ok(false);
+    };
+    let want = Value::Mac(mac).to_string();
+    let guarded = guards(&l).any(|(p, _)| p == veth);
+    let macs: Vec<String> = allowed(&l)
+        .filter(|(p, _)| p == veth)
+        .map(|(_, m)| m)
+        .collect();
+    Ok(guarded && macs == [want])
+}
+
+/// `(port, comment)` of every guard.
+fn guards(l: &Listing) -> impl Iterator<Item = (String, Option<&str>)> {
+    l.set(PORTS)
+        .into_iter()
+        .flat_map(|s| &s.elements)
+        .filter_map(|e| Some((e.key_str()?, e.comment.as_deref())))
+}
+
+/// `(port, mac)` of every allowed pair.
+fn allowed(l: &Listing) -> impl Iterator<Item = (String, String)> {
+    l.set(ALLOWED)
+        .into_iter()
+        .flat_map(|s| &s.elements)
+        .filter_map(|e| {
+            let parts = e.key.get("concat")?.as_array()?;
+            Some((
+                parts.first()?.as_str()?.to_string(),
+                parts.get(1)?.as_str()?.to_string(),
+            ))
+        })
+}
+
+fn delete_tx(l: &Listing, ports: &[String]) -> Result<Transaction> {
+    let t = constant(TABLE);
+    let mut tx = Transaction::new();
+    for port in ports {
+        let key = iface(port)?;
+        tx.delete_elements(FAMILY, &t, &constant(PORTS), std::slice::from_ref(&key));
+        for (_, mac) in allowed(l).filter(|(p, _)| p == port) {
+            let mac = parse_mac(&mac)
+                .ok_or_else(|| CniError::internal(format!("unexpected MAC {mac:?} in {TABLE}")))?;
+            tx.delete_elements(
+                FAMILY,
+                &t,
+                &constant(ALLOWED),
+                &[Value::Concat(vec![key.clone(), Value::Mac(mac)])],
+            );
+        }
+    }
+    Ok(tx)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensure_and_add_text() {
+        let att = Attachment::new("net1", "c1", "eth0");
+        let mut tx = ensure_tx();
+        elements_tx(&mut tx, &att, "veth0a1b2c3d", [2, 0, 10, 0, 0, 5]).unwrap();
+        insta::assert_snapshot!(tx.to_string());
+    }
+
+    #[test]
+    fn macs_parse_back() {
+        assert_eq!(parse_mac("02:00:0a:00:00:ff"), Some([2, 0, 10, 0, 0, 255]));
+        assert_eq!(parse_mac("02:00:0a:00:00"), None);
+        assert_eq!(parse_mac("02:00:0a:00:00:00:01"), None);
+    }
+}
