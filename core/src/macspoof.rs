@@ -114,12 +114,8 @@ pub fn add(att: &Attachment<'_>, veth: &str, mac: [u8; 6]) -> Result<()> {
 pub fn del(att: &Attachment<'_>, hint: Option<(&str, [u8; 6])>) -> Result<()> {
     let tx = match hint {
         Some((veth, mac)) => {
-            let t = constant(TABLE);
-            let port = iface(veth)?;
-            let pair = Value::Concat(vec![port.clone(), Value::Mac(mac)]);
             let mut tx = Transaction::new();
-            tx.delete_elements(FAMILY, &t, &constant(PORTS), &[port])
-                .delete_elements(FAMILY, &t, &constant(ALLOWED), &[pair]);
+            delete_guard(&mut tx, veth, &[mac])?;
             tx
         }
         None => {
@@ -154,7 +150,7 @@ pub fn gc(network: &str, valid: &[(&str, &str)]) -> Result<usize> {
                 .to_string()
         })
         .collect();
-    let prefix = format!("net:{network} ");
+    let prefix = Attachment::network_comment_prefix(network);
     let stale: Vec<String> = guards(&l)
         .filter(|(_, c)| c.is_some_and(|c| c.starts_with(&prefix) && !keep.iter().any(|k| k == c)))
         .map(|(p, _)| p)
@@ -201,22 +197,31 @@ fn allowed(l: &Listing) -> impl Iterator<Item = (String, String)> {
         })
 }
 
-fn delete_tx(l: &Listing, ports: &[String]) -> Result<Transaction> {
+/// The deletion of `port`'s guard and of its allowed pairs with `macs`, each its own
+/// statement (so a teardown drops only what is already gone).
+fn delete_guard(tx: &mut Transaction, port: &str, macs: &[[u8; 6]]) -> Result<()> {
     let t = constant(TABLE);
+    let key = iface(port)?;
+    tx.delete_elements(FAMILY, &t, &constant(PORTS), std::slice::from_ref(&key));
+    for mac in macs {
+        let pair = Value::Concat(vec![key.clone(), Value::Mac(*mac)]);
+        tx.delete_elements(FAMILY, &t, &constant(ALLOWED), &[pair]);
+    }
+    Ok(())
+}
+
+/// [`delete_guard`] for each of `ports`, with the MACs the listing allows for it.
+fn delete_tx(l: &Listing, ports: &[String]) -> Result<Transaction> {
     let mut tx = Transaction::new();
     for port in ports {
-        let key = iface(port)?;
-        tx.delete_elements(FAMILY, &t, &constant(PORTS), std::slice::from_ref(&key));
-        for (_, mac) in allowed(l).filter(|(p, _)| p == port) {
-            let mac = parse_mac(&mac)
-                .ok_or_else(|| CniError::internal(format!("unexpected MAC {mac:?} in {TABLE}")))?;
-            tx.delete_elements(
-                FAMILY,
-                &t,
-                &constant(ALLOWED),
-                &[Value::Concat(vec![key.clone(), Value::Mac(mac)])],
-            );
-        }
+        let macs = allowed(l)
+            .filter(|(p, _)| p == port)
+            .map(|(_, mac)| {
+                parse_mac(&mac)
+                    .ok_or_else(|| CniError::internal(format!("unexpected MAC {mac:?} in {TABLE}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        delete_guard(&mut tx, port, &macs)?;
     }
     Ok(tx)
 }

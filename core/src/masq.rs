@@ -164,9 +164,16 @@ impl<'a> Attachment<'a> {
     /// `net:<network> id:<container ID> if:<ifname>`, sanitized, at most 128 bytes.
     pub fn comment(&self) -> Comment {
         Comment::new(&format!(
-            "net:{} id:{} if:{}",
-            self.network, self.container_id, self.ifname
+            "{}id:{} if:{}",
+            Self::network_comment_prefix(self.network),
+            self.container_id,
+            self.ifname
         ))
+    }
+
+    /// How every [`comment`](Self::comment) of `network`'s attachments starts.
+    pub fn network_comment_prefix(network: &str) -> String {
+        format!("net:{network} ")
     }
 }
 

@@ -47,6 +47,13 @@ pub struct Link {
     pub isolated: Option<bool>,
 }
 
+impl Link {
+    /// The Ethernet address, for links that have one.
+    pub fn ether(&self) -> Option<[u8; 6]> {
+        self.mac.as_slice().try_into().ok()
+    }
+}
+
 /// A route read back from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteEntry {

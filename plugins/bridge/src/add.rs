@@ -198,11 +198,9 @@ fn run_ipam(req: &Request, ipam: &str, undo: &mut Undo) -> Result<CniResult> {
 
 /// macspoofchk: only the pod's own MAC may enter the bridge from its veth.
 fn guard_mac(req: &Request, host_veth: &Link, pod_if: &Link, undo: &mut Undo) -> Result<()> {
-    let mac: [u8; 6] = pod_if
-        .mac
-        .as_slice()
-        .try_into()
-        .map_err(|_| CniError::internal(format!("{} has no Ethernet address", pod_if.name)))?;
+    let mac = pod_if
+        .ether()
+        .ok_or_else(|| CniError::internal(format!("{} has no Ethernet address", pod_if.name)))?;
     let att = masq::Attachment::new(&req.conf.name, &req.env.container_id, &req.env.ifname);
     macspoof::add(&att, &host_veth.name, mac)?;
     let (net, cid, ifname, veth) = (

@@ -26,8 +26,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<()> {
     let veth = check_host_veth(conf, &prev, &host, &pod_if, &bridge)?;
     check_l3(&prev, &pod_nl, &pod_if)?;
     if conf.macspoofchk {
-        let mac: Option<[u8; 6]> = pod_if.mac.as_slice().try_into().ok();
-        let guarded = match mac {
+        let guarded = match pod_if.ether() {
             Some(m) => macspoof::check(&veth.name, m)?,
             None => false,
         };

@@ -113,9 +113,14 @@ impl BridgeConf {
 
 /// `ipMasq`, read leniently for DEL and GC, which must not fail on ADD-only keys.
 pub fn ip_masq(req: &Request) -> bool {
+    flag(req, "ipMasq")
+}
+
+/// A boolean config key straight from the raw config (false when absent).
+fn flag(req: &Request, key: &str) -> bool {
     req.conf
         .extra
-        .get("ipMasq")
+        .get(key)
         .and_then(Value::as_bool)
         .unwrap_or(false)
 }
@@ -135,11 +140,7 @@ pub fn find_ipam<'a>(req: &'a Request, ipam: &str) -> Result<Delegate<'a>> {
 
 /// `macspoofchk` as DEL and GC read it (without the rest of the config's checks).
 pub fn macspoofchk(req: &Request) -> bool {
-    req.conf
-        .extra
-        .get("macspoofchk")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
+    flag(req, "macspoofchk")
 }
 
 /// The IPAM plugin to delegate to, if any.

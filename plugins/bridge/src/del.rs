@@ -93,7 +93,7 @@ fn retire_pod_interface(req: &Request) -> Result<Option<Retired>> {
         netns,
         index: link.index,
         addrs,
-        mac: link.mac.as_slice().try_into().ok(),
+        mac: link.ether(),
         host_veth,
     }))
 }
