@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod background;
+pub mod conntrack;
 pub mod delegate;
 pub mod error;
 pub mod ident;
