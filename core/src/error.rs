@@ -36,6 +36,9 @@ pub mod code {
     pub const CHECK_FAILED: u32 = 102;
     /// weft: a delegated plugin failed without a parsable error.
     pub const DELEGATE_FAILED: u32 = 103;
+    /// weft: a host port (with protocol and host IP) is already mapped to another
+    /// attachment.
+    pub const PORT_IN_USE: u32 = 104;
     /// Anything unexpected (kernel or filesystem failures); libcni's ErrInternal.
     pub const INTERNAL: u32 = 999;
 }

@@ -359,7 +359,8 @@ pub fn takeover_tx(addrs: &[IpAddr]) -> Transaction {
     tx
 }
 
-fn owner_value(owner: &Owner) -> Value {
+/// An owner as the value of an `owners_*` element.
+pub fn owner_value(owner: &Owner) -> Value {
     Value::Concat(owner.iter().map(|h| Value::Hex(u64::from(*h))).collect())
 }
 
@@ -501,7 +502,8 @@ fn parse_key(e: &nft::ElementInfo) -> Option<IpAddr> {
     e.key_str()?.parse().ok()
 }
 
-fn parse_owner(e: &nft::ElementInfo) -> Option<Owner> {
+/// An `owners_*` element's value back from a listing.
+pub fn parse_owner(e: &nft::ElementInfo) -> Option<Owner> {
     let parts = e.data.as_ref()?.get("concat")?.as_array()?;
     let mut out = [0u32; 4];
     if parts.len() != 4 {

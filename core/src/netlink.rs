@@ -8,10 +8,11 @@
 
 use crate::error::{CniError, Result};
 use crate::netns::NetNs;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
-use rtnetlink::packet_core::ErrorMessage;
+use rtnetlink::packet_core::{ErrorMessage, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
@@ -378,6 +379,49 @@ impl Netlink {
         }
         self.block(self.handle.route().add(b.build()).replace().execute())
             .map_err(|e| fail(what(), e))
+    }
+
+    /// The output interface the kernel would route `dst` through (`ip route get`):
+    /// one lookup, not a dump. `None` when `dst` is unreachable or routed without
+    /// an interface.
+    pub fn route_oif(&self, dst: IpAddr) -> Result<Option<u32>> {
+        let mut msg = RouteMessage::default();
+        let (family, len, addr) = match dst {
+            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        };
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = len;
+        msg.attributes.push(RouteAttribute::Destination(addr));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let what = || format!("looking up the route to {dst}");
+        let mut handle = self.handle.clone();
+        let replies = handle.request(req).map_err(|e| fail(what(), e))?;
+        let replies: Vec<_> = self.block(replies.collect());
+        for reply in replies {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                    return Ok(r.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(*i),
+                        _ => None,
+                    }));
+                }
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    let errno = -e.code.map_or(0, |c| c.get());
+                    if [libc::ENETUNREACH, libc::EHOSTUNREACH].contains(&errno) {
+                        return Ok(None);
+                    }
+                    return Err(CniError::internal(format!(
+                        "{}: {}",
+                        what(),
+                        std::io::Error::from_raw_os_error(errno)
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 
     /// Every route of one family, all tables.

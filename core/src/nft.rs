@@ -176,6 +176,11 @@ pub enum Value {
     Iface(Ident),
     /// An Ethernet address (`ether_addr` type): `02:00:0a:00:00:05`.
     Mac([u8; 6]),
+    /// A transport port (`inet_service` type).
+    Port(u16),
+    /// A transport protocol number (`inet_proto` type), printed by name where nft
+    /// has one: `tcp`, `udp`, `sctp`.
+    Proto(u8),
     /// `a . b . c`
     Concat(Vec<Value>),
 }
@@ -218,6 +223,11 @@ impl fmt::Display for Value {
                 "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
                 m[0], m[1], m[2], m[3], m[4], m[5]
             ),
+            Value::Port(p) => write!(f, "{p}"),
+            Value::Proto(6) => f.write_str("tcp"),
+            Value::Proto(17) => f.write_str("udp"),
+            Value::Proto(132) => f.write_str("sctp"),
+            Value::Proto(n) => write!(f, "{n}"),
             Value::Concat(parts) => {
                 for (i, p) in parts.iter().enumerate() {
                     if i > 0 {
@@ -298,6 +308,15 @@ impl Rule {
             "nft keyword text {kw:?} may not contain newline, ';', '#' or '\"'"
         );
         self.0.push(kw.to_string());
+        self
+    }
+
+    /// An nft expression an administrator wrote in a plugin's config (portmap's
+    /// `conditionsV4`), which the plugin has checked to hold no line break, `;` or
+    /// `#`, so it cannot end the statement.
+    pub fn condition(mut self, text: &str) -> Rule {
+        debug_assert!(!text.contains(['\n', '\r', ';', '#']), "{text:?}");
+        self.0.push(text.to_string());
         self
     }
 

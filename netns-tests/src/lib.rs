@@ -24,6 +24,19 @@ pub use tempdir::TempDir;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Join two namespaces with a veth pair: `(ifname, address/prefix)` on each side,
+/// both ends up. A multi-node or outside-world test is built from these.
+pub fn join(a: &TestNetns, a_side: (&str, &str), b: &TestNetns, b_side: (&str, &str)) {
+    let pid = b.pid().to_string();
+    a.exec_ok(&[
+        "ip", "link", "add", a_side.0, "type", "veth", "peer", "name", b_side.0, "netns", &pid,
+    ]);
+    for (ns, (ifname, addr)) in [(a, a_side), (b, b_side)] {
+        ns.exec_ok(&["ip", "addr", "add", addr, "dev", ifname, "nodad"]);
+        ns.exec_ok(&["ip", "link", "set", ifname, "up"]);
+    }
+}
+
 /// Whether we run as root; prints a skip notice otherwise. Namespaces, nsenter and
 /// most plugin work need root, and a silent pass is better than a confusing failure
 /// on a developer machine.

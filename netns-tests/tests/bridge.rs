@@ -438,15 +438,12 @@ fn conflist_example_through_the_driver() {
 /// route back to any pod subnet: only masqueraded traffic gets answers.
 fn outside(node: &Node) -> TestNetns {
     let out = TestNetns::new();
-    let pid = out.pid().to_string();
-    node.ns.exec_ok(&[
-        "ip", "link", "add", "wo0", "type", "veth", "peer", "name", "wo1", "netns", &pid,
-    ]);
-    node.ns
-        .exec_ok(&["ip", "addr", "add", "198.51.100.1/24", "dev", "wo0"]);
-    node.ns.exec_ok(&["ip", "link", "set", "wo0", "up"]);
-    out.exec_ok(&["ip", "addr", "add", "198.51.100.2/24", "dev", "wo1"]);
-    out.exec_ok(&["ip", "link", "set", "wo1", "up"]);
+    netns_tests::join(
+        &node.ns,
+        ("wo0", "198.51.100.1/24"),
+        &out,
+        ("wo1", "198.51.100.2/24"),
+    );
     out
 }
 

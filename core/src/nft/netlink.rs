@@ -38,8 +38,8 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTNL_UDATA_SET_ELEM_COMMENT: u8 = 0;
 
 /// Whether every element of `op` can be encoded without knowing the set's types:
-/// addresses, 32-bit marks ([`Value::Hex`]), interface names, MACs, concatenations
-/// of them, verdicts.
+/// addresses, 32-bit marks ([`Value::Hex`]), interface names, MACs, ports, protocol
+/// numbers, concatenations of them, verdicts.
 pub(super) fn encodable(op: &ElemOp) -> bool {
     op.elems.iter().all(|e| {
         value_bytes(&e.key).is_some()
@@ -64,6 +64,8 @@ fn value_bytes(v: &Value) -> Option<Vec<u8>> {
             Some(b)
         }
         Value::Mac(m) => Some(m.to_vec()),
+        Value::Port(p) => Some(p.to_be_bytes().to_vec()),
+        Value::Proto(n) => Some(vec![*n]),
         Value::Concat(parts) => {
             let mut out = Vec::new();
             for p in parts {
@@ -335,6 +337,8 @@ mod tests {
         want.extend(0xdeadbeefu32.to_ne_bytes());
         assert_eq!(value_bytes(&marks).unwrap(), want);
         // Types that need the set's declaration go through nft.
+        let key = Value::Concat(vec![Value::Proto(17), Value::Port(8080)]);
+        assert_eq!(value_bytes(&key).unwrap(), [17, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         assert_eq!(value_bytes(&Value::Num(80)), None);
         assert_eq!(value_bytes(&Value::Hex(1 << 40)), None);
         assert!(!encodable(&op(ElemVerb::Add, vec![Element::new(80u16)])));

@@ -1,0 +1,95 @@
+//! What ADD installed, per attachment, so DEL can remove it when the runtime does
+//! not resend portMappings or the network was renamed (reference leaks, plugins#752).
+//!
+//! One small JSON file per `(container ID, ifname)` under the data dir (0700), file
+//! 0600, written to a temporary name and renamed into place. No fsync: the mappings
+//! live in the kernel and are gone after a power loss anyway, and a file that is
+//! torn or missing only sends DEL to its listing fallback.
+
+use crate::rules::Key;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use weft_core::error::{CniError, Result};
+use weft_core::nft;
+
+/// One attachment's mappings as installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The network name at ADD: the owner of the elements, even after a rename.
+    pub network: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    pub keys: Vec<Key>,
+}
+
+fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
+    // Hashed: IDs and ifnames may both contain '.', '-' and '_', so no separator
+    // between them is unambiguous.
+    dir.join(format!("{}.json", nft::hash_hex(&[container_id, ifname])))
+}
+
+pub fn save(dir: &Path, rec: &Record) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
+    let dest = path(dir, &rec.container_id, &rec.ifname);
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    let text = serde_json::to_vec(rec).map_err(|e| CniError::internal(e.to_string()))?;
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&text)?;
+        fs::rename(&tmp, &dest)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CniError::io(format!("writing {}", dest.display()), e)
+    })
+}
+
+/// The attachment's record; `None` when there is none or it cannot be read (logged).
+pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<Record> {
+    let p = path(dir, container_id, ifname);
+    let bytes = fs::read(&p).ok()?;
+    match serde_json::from_slice::<Record>(&bytes) {
+        Ok(r) if r.container_id == container_id && r.ifname == ifname => Some(r),
+        Ok(_) => None,
+        Err(e) => {
+            weft_core::warn!("ignoring unreadable {}: {e}", p.display());
+            None
+        }
+    }
+}
+
+pub fn remove(dir: &Path, container_id: &str, ifname: &str) -> Result<()> {
+    let p = path(dir, container_id, ifname);
+    match fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(CniError::io(format!("removing {}", p.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Every readable record (GC).
+pub fn all(dir: &Path) -> Vec<Record> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
+        .collect()
+}
