@@ -113,9 +113,10 @@ fn enable_localhost(conf: &PortMapConf, plan: &Plan) -> Result<()> {
     };
     let nl = Netlink::host()?;
     let Some(oif) = nl.route_oif(pod)? else {
-        return Err(CniError::internal(format!(
-            "portmap: no route to the container address {pod}"
-        )));
+        // As the reference: without a route the pod is unreachable from the host
+        // anyway, and the remote mappings still work.
+        weft_core::warn!("portmap: no route to {pod}; localhost mappings will not work");
+        return Ok(());
     };
     let link = nl
         .link_by_index(oif)?
