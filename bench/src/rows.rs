@@ -3,6 +3,9 @@
 //! checks untimed) and list it in [`ROWS`].
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -68,6 +71,54 @@ pub const ROWS: &[Row] = &[
         about: "wall time of 100 concurrent ADDs into one empty network; 100 distinct IPs required",
         plugins: &["host-local"],
         run: host_local_parallel_add,
+    },
+    Row {
+        name: "portmap ADD N=0",
+        about: "ADD of one tcp mapping (snat) with 0 other mappings present; its DEL is untimed",
+        plugins: &["portmap"],
+        run: portmap_add_0,
+    },
+    Row {
+        name: "portmap DEL N=0",
+        about: "DEL of one mapping ADDed just before (untimed), 0 other mappings present",
+        plugins: &["portmap"],
+        run: portmap_del_0,
+    },
+    Row {
+        name: "portmap ADD N=200",
+        about: "ADD of one tcp mapping (snat) with 200 other mappings present; its DEL is untimed",
+        plugins: &["portmap"],
+        run: portmap_add_200,
+    },
+    Row {
+        name: "portmap DEL N=200",
+        about: "DEL of one mapping ADDed just before (untimed), 200 other mappings present",
+        plugins: &["portmap"],
+        run: portmap_del_200,
+    },
+    Row {
+        name: "portmap ADD N=1000",
+        about: "ADD of one tcp mapping (snat) with 1000 other mappings present; its DEL is untimed",
+        plugins: &["portmap"],
+        run: portmap_add_1000,
+    },
+    Row {
+        name: "portmap DEL N=1000",
+        about: "DEL of one mapping ADDed just before (untimed), 1000 other mappings present",
+        plugins: &["portmap"],
+        run: portmap_del_1000,
+    },
+    Row {
+        name: "portmap ADD N=5000",
+        about: "ADD of one tcp mapping (snat) with 5000 other mappings present; its DEL is untimed",
+        plugins: &["portmap"],
+        run: portmap_add_5000,
+    },
+    Row {
+        name: "portmap DEL N=5000",
+        about: "DEL of one mapping ADDed just before (untimed), 5000 other mappings present",
+        plugins: &["portmap"],
+        run: portmap_del_5000,
     },
 ];
 
@@ -182,4 +233,208 @@ fn host_local_parallel_add(t: &mut Target, iteration: usize) -> Result<Duration>
     let state = t.data_dir.join(&network);
     std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     Ok(elapsed)
+}
+
+fn portmap_add_0(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_add(t, i, 0)
+}
+
+fn portmap_del_0(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_del(t, i, 0)
+}
+
+fn portmap_add_200(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_add(t, i, 200)
+}
+
+fn portmap_del_200(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_del(t, i, 200)
+}
+
+fn portmap_add_1000(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_add(t, i, 1000)
+}
+
+fn portmap_del_1000(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_del(t, i, 1000)
+}
+
+fn portmap_add_5000(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_add(t, i, 5000)
+}
+
+fn portmap_del_5000(t: &mut Target, i: usize) -> Result<Duration> {
+    portmap_del(t, i, 5000)
+}
+
+/// One timed ADD of a fresh container (one mapping, fresh hostPort), then its DEL.
+fn portmap_add(t: &mut Target, i: usize, n: usize) -> Result<Duration> {
+    if i == 0 {
+        portmap_setup(t, n)?;
+    }
+    let conf = portmap_conf(t, 20000 + i % 10000, 6000 + i);
+    let id = t.next_container_id();
+    let (elapsed, _) = t.timed_exec("portmap", "ADD", &id, &conf)?;
+    t.exec("portmap", "DEL", &id, &conf)?;
+    Ok(elapsed)
+}
+
+/// An untimed ADD, then the timed DEL.
+fn portmap_del(t: &mut Target, i: usize, n: usize) -> Result<Duration> {
+    if i == 0 {
+        portmap_setup(t, n)?;
+    }
+    let conf = portmap_conf(t, 20000 + i % 10000, 6000 + i);
+    let id = t.next_container_id();
+    t.exec("portmap", "ADD", &id, &conf)?;
+    let (elapsed, _) = t.timed_exec("portmap", "DEL", &id, &conf)?;
+    Ok(elapsed)
+}
+
+/// The first two octets of the implementation's /16, and its prefix length.
+fn subnet_parts(t: &Target) -> (String, &'static str) {
+    let (net, prefix) = t.imp.subnet.split_once('/').expect("subnet is a CIDR");
+    let ab: Vec<&str> = net.split('.').take(2).collect();
+    (ab.join("."), prefix)
+}
+
+/// The `k`th pod address of the implementation's subnet (above the gateway, .0.1).
+fn pod_ip(t: &Target, k: usize) -> String {
+    let (ab, _) = subnet_parts(t);
+    format!("{ab}.{}.{}", (k + 2) / 256, (k + 2) % 256)
+}
+
+fn portmap_bridge(t: &Target) -> String {
+    format!("wpm-{}", t.imp.label.chars().take(3).collect::<String>())
+}
+
+/// portmap config with one tcp mapping and a bridge-like prevResult for pod `k`.
+fn portmap_conf(t: &Target, host_port: usize, k: usize) -> Vec<u8> {
+    let (_, prefix) = subnet_parts(t);
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": t.network,
+        "type": "portmap",
+        "snat": true,
+        "dataDir": t.data_dir.join("portmap"),
+        "runtimeConfig": { "portMappings": [
+            { "hostPort": host_port, "containerPort": 80, "protocol": "tcp" },
+        ] },
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{ "name": portmap_bridge(t) }, { "name": "eth0", "sandbox": t.netns }],
+            "ips": [{ "interface": 1, "address": format!("{}/{prefix}", pod_ip(t, k)) }],
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Run a tool of the host (ip, nft, iptables-*) with `stdin`; its output, whatever its status.
+fn tool(prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {prog}"))?;
+    let mut input = child.stdin.take().expect("stdin is piped");
+    if let Err(e) = input.write_all(stdin.as_bytes())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e).with_context(|| format!("writing to {prog}"));
+    }
+    drop(input);
+    child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {prog}"))
+}
+
+fn tool_ok(prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
+    let out = tool(prog, args, stdin)?;
+    ensure_success(&out, &format!("{prog} {}", args.join(" ")))?;
+    Ok(out)
+}
+
+/// Untimed, at a row's first iteration: a bridge holding the gateway (both plugins
+/// look up the route to the pod), then exactly `n` mappings of this implementation.
+fn portmap_setup(t: &mut Target, n: usize) -> Result<()> {
+    let (ab, prefix) = subnet_parts(t);
+    let (br, gw) = (portmap_bridge(t), format!("{ab}.0.1/{prefix}"));
+    for args in [
+        &["link", "add", &br, "type", "bridge"][..],
+        &["addr", "add", &gw, "dev", &br],
+        &["link", "set", &br, "up"],
+    ] {
+        let out = tool("ip", args, "")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !(err.contains("exists") || err.contains("already assigned")) {
+            ensure_success(&out, &format!("ip {}", args.join(" ")))?;
+        }
+    }
+    if t.imp.label == "ours" {
+        let _ = tool("nft", &["delete", "table", "inet", "weft_portmap"], "")?;
+        for k in 0..n {
+            let id = format!("weft-bench-ours-fill-{k:05}");
+            t.exec("portmap", "ADD", &id, &portmap_conf(t, 30000 + k, k))?;
+        }
+        Ok(())
+    } else {
+        reference_filler(t, n)
+    }
+}
+
+/// The reference would take minutes to ADD thousands of mappings one by one:
+/// write the iptables state it creates and load it in one iptables-restore.
+fn reference_filler(t: &mut Target, n: usize) -> Result<()> {
+    let saved = tool_ok("iptables-save", &["-t", "nat"], "")?;
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    let chains: Vec<&str> = saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(":CNI-DN-"))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut r = String::from("*nat\n");
+    if saved.contains(":CNI-HOSTPORT-DNAT ") {
+        r.push_str("-F CNI-HOSTPORT-DNAT\n");
+    }
+    for op in ["-F", "-X"] {
+        for c in &chains {
+            let _ = writeln!(r, "{op} CNI-DN-{c}");
+        }
+    }
+    r.push_str("COMMIT\n");
+    tool_ok("iptables-restore", &["--noflush"], &r)?;
+    if n == 0 {
+        return Ok(());
+    }
+
+    // One real mapping, so that the reference makes its own top-level chains.
+    let id = t.next_container_id();
+    let conf = portmap_conf(t, 29999, 5999);
+    t.exec("portmap", "ADD", &id, &conf)?;
+    t.exec("portmap", "DEL", &id, &conf)?;
+
+    let (net, sub) = (&t.network, t.imp.subnet);
+    let mut decl = String::from("*nat\n");
+    let mut rules = String::new();
+    for k in 0..n {
+        let (chain, hp, ip) = (format!("CNI-DN-fe{k:019x}"), 30000 + k, pod_ip(t, k));
+        let cid = format!("weft-bench-reference-fill-{k:05}");
+        let _ = writeln!(decl, ":{chain} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A CNI-HOSTPORT-DNAT -p tcp -m comment --comment \"dnat name: \\\"{net}\\\" id: \\\"{cid}\\\"\" -m multiport --dports {hp} -j {chain}\n\
+             -A {chain} -s {sub} -p tcp -m tcp --dport {hp} -j CNI-HOSTPORT-SETMARK\n\
+             -A {chain} -s 127.0.0.1/32 -p tcp -m tcp --dport {hp} -j CNI-HOSTPORT-SETMARK\n\
+             -A {chain} -p tcp -m tcp --dport {hp} -j DNAT --to-destination {ip}:80"
+        );
+    }
+    tool_ok(
+        "iptables-restore",
+        &["--noflush"],
+        &(decl + &rules + "COMMIT\n"),
+    )?;
+    Ok(())
 }

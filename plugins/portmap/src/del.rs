@@ -8,8 +8,8 @@ use weft_core::masq::{Attachment, Owner};
 use weft_core::nft::ErrorKind;
 use weft_core::skel::Request;
 
-/// Keys come from ADD's record, plus the runtime's portMappings if it resent them
-/// (in both families: no prevResult needed). With neither, the table is listed and
+/// Keys come from ADD's record, else from the runtime's portMappings if it resent
+/// them (in both families: no prevResult needed). With neither, the table is listed and
 /// every key this container and ifname own is removed, under any network name.
 /// Idempotent; never removes a key another attachment holds.
 pub fn del(req: &Request, conf: &PortMapConf) -> Result<()> {
@@ -23,8 +23,12 @@ pub fn del(req: &Request, conf: &PortMapConf) -> Result<()> {
         .as_ref()
         .map_or(req.conf.name.as_str(), |r| &r.network);
     let owner = Attachment::new(network, &env.container_id, &env.ifname).owner();
-    let mut keys: Vec<Key> = record.as_ref().map(|r| r.keys.clone()).unwrap_or_default();
-    keys.extend(mappings.iter().flat_map(Key::all_of));
+    // The record is exact; the mappings name both families' keys and would cost a
+    // failed kernel transaction for the family the pod does not have.
+    let keys: Vec<Key> = match &record {
+        Some(r) => r.keys.clone(),
+        None => mappings.iter().flat_map(Key::all_of).collect(),
+    };
     let tx = if record.is_none() && mappings.is_empty() {
         let Some(l) = rules::list().map_err(|e| e.context("portmap teardown"))? else {
             return Ok(());
