@@ -126,7 +126,12 @@ impl Node {
     }
 
     fn records(&self) -> usize {
-        std::fs::read_dir(self.dir.join("portmap")).map_or(0, |d| d.count())
+        let dir = std::fs::read_dir(self.dir.join("portmap"));
+        dir.map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
     }
 }
 
@@ -633,4 +638,34 @@ fn bad_configs_and_nothing_to_do() {
         ".interfaces[2].sandbox" => "[netns]",
     });
     let _: Result<(), DriverError> = driver.del(&pod("a", &a, json!([])));
+}
+
+/// An ADD right after a DEL, of the same attachment or of another pod taking the
+/// same port, ends up mapped (the guard for any future deferral of DEL's deletes).
+#[test]
+fn add_right_after_del_waits_for_the_deletion() {
+    let Some(node) = Node::new() else { return };
+    let driver = node.driver(&["10.94.0.0/24"], json!({}));
+    let (a, b) = (TestNetns::new(), TestNetns::new());
+    let maps = json!([mapping(18080, 80, "tcp")]);
+    let ra = driver.add(&pod("a", &a, maps.clone())).unwrap();
+    let rb = driver.add(&pod("b", &b, json!([]))).unwrap();
+    let conf_a = node.portmap_conf(&maps, Some(&ra));
+    for _ in 0..5 {
+        node.portmap("DEL", "a", &a, &conf_a).ok();
+        node.portmap("ADD", "a", &a, &conf_a).ok();
+        assert_eq!(node.elements().len(), 3, "the same attachment again");
+    }
+    let conf_b = node.portmap_conf(&maps, Some(&rb));
+    node.portmap("DEL", "a", &a, &conf_a).ok();
+    node.portmap("ADD", "b", &b, &conf_b).ok();
+    let left = node.elements();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(
+        left.iter().any(|e| e.contains(&ip_of(&rb, true))),
+        "{left:?}"
+    );
+    node.portmap("DEL", "b", &b, &conf_b).ok();
+    assert_eq!(node.elements(), Vec::<String>::new());
+    assert_eq!(node.records(), 0);
 }
