@@ -10,24 +10,18 @@
 //! Everything happens in the calling thread's network namespace.
 
 use crate::error::{CniError, Result};
-use netlink_sys::{Socket, SocketAddr};
+use crate::nfnetlink::{
+    Attrs, Msg, NFGENMSG_LEN, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    attrs, errno,
+};
+use netlink_sys::Socket;
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 0x2;
-const NLMSG_DONE: u16 = 0x3;
-const NLA_F_NESTED: u16 = 0x8000;
-/// An attribute's type without the NESTED and NET_BYTEORDER flag bits.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
 
 // nfnetlink_conntrack.h attribute numbers.
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -167,50 +161,11 @@ fn be16(payload: &[u8]) -> Option<u16> {
     payload.try_into().ok().map(u16::from_be_bytes)
 }
 
-/// The attributes in `buf` as (type without flag bits, payload); stops at the first
-/// malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16::from_ne_bytes(buf.get(0..2)?.try_into().ok()?));
-        let kind = u16::from_ne_bytes(buf.get(2..4)?.try_into().ok()?) & NLA_TYPE_MASK;
-        let payload = buf.get(4..len)?;
-        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, payload))
-    })
-}
-
-/// Netlink attributes written into a growing buffer (4-byte aligned).
-#[derive(Default)]
-struct Attrs(Vec<u8>);
-
-impl Attrs {
-    fn put(&mut self, kind: u16, payload: &[u8]) -> &mut Self {
-        let len = 4 + payload.len();
-        self.0.extend((len as u16).to_ne_bytes());
-        self.0.extend(kind.to_ne_bytes());
-        self.0.extend(payload);
-        self.0.resize(self.0.len().next_multiple_of(4), 0);
-        self
-    }
-
-    fn nest(&mut self, kind: u16, f: impl FnOnce(&mut Attrs)) -> &mut Self {
-        let mut inner = Attrs::default();
-        f(&mut inner);
-        self.put(kind | NLA_F_NESTED, &inner.0)
-    }
-}
-
 /// One ctnetlink request: netlink header, nfgenmsg (version 0, res_id 0), attributes.
 fn request(kind: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
-    let mut buf = Vec::with_capacity(len);
-    buf.extend((len as u32).to_ne_bytes());
-    buf.extend(((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    buf.extend(flags.to_ne_bytes());
-    buf.extend(seq.to_ne_bytes());
-    buf.extend(0u32.to_ne_bytes()); // port id: the kernel fills in ours
-    buf.extend([family, 0, 0, 0]);
-    buf.extend(attrs);
+    let mut buf = Vec::new();
+    let kind = (NFNL_SUBSYS_CTNETLINK << 8) | kind;
+    crate::nfnetlink::message(&mut buf, kind, flags, seq, family, 0, attrs);
     buf
 }
 
@@ -257,41 +212,9 @@ fn delete_request(e: &Entry, seq: u32) -> Vec<u8> {
     )
 }
 
-/// One message of a reply datagram.
-#[derive(Debug, PartialEq, Eq)]
-struct Msg<'a> {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    body: &'a [u8],
-}
-
 /// The messages of one datagram.
-fn messages(mut buf: &[u8]) -> Result<Vec<Msg<'_>>> {
-    let malformed = || CniError::internal("malformed ctnetlink reply");
-    let mut out = Vec::new();
-    while !buf.is_empty() {
-        let hdr = buf.get(..NLMSG_HDRLEN).ok_or_else(malformed)?;
-        let len = u32::from_ne_bytes(hdr[0..4].try_into().expect("4 bytes")) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            return Err(malformed());
-        }
-        out.push(Msg {
-            kind: u16::from_ne_bytes(hdr[4..6].try_into().expect("2 bytes")),
-            flags: u16::from_ne_bytes(hdr[6..8].try_into().expect("2 bytes")),
-            seq: u32::from_ne_bytes(hdr[8..12].try_into().expect("4 bytes")),
-            body: &buf[NLMSG_HDRLEN..len],
-        });
-        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
-    }
-    Ok(out)
-}
-
-/// The errno of an NLMSG_ERROR or NLMSG_DONE body (0: success); EPROTO if cut short.
-fn errno(body: &[u8]) -> i32 {
-    body.get(..4).map_or(libc::EPROTO, |b| {
-        -i32::from_ne_bytes(b.try_into().expect("4 bytes"))
-    })
+fn messages(buf: &[u8]) -> Result<Vec<Msg<'_>>> {
+    crate::nfnetlink::messages(buf).ok_or_else(|| CniError::internal("malformed ctnetlink reply"))
 }
 
 /// An errno the kernel answered with.
@@ -300,13 +223,7 @@ fn kernel_err(errno: i32) -> CniError {
 }
 
 fn open() -> Result<Socket> {
-    let mut sock =
-        Socket::new(NETLINK_NETFILTER).map_err(|e| CniError::io("ctnetlink socket", e))?;
-    sock.bind_auto()
-        .map_err(|e| CniError::io("ctnetlink bind", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| CniError::io("ctnetlink connect", e))?;
-    Ok(sock)
+    crate::nfnetlink::open().map_err(|e| CniError::io("ctnetlink socket", e))
 }
 
 fn send(sock: &Socket, msg: &[u8]) -> Result<()> {

@@ -6,21 +6,17 @@
 
 use super::{ElemOp, ElemVerb, Element, ElementData, ErrorKind, Family, NftError, StmtError};
 use super::{Value, Verdict};
+use crate::nfnetlink::{Attrs, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, message};
 use std::net::IpAddr;
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 // nf_tables.h attribute numbers.
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -93,33 +89,6 @@ fn family_code(f: Family) -> u8 {
     }
 }
 
-/// Netlink attributes written into a growing buffer (4-byte aligned).
-#[derive(Default)]
-struct Attrs(Vec<u8>);
-
-impl Attrs {
-    fn put(&mut self, kind: u16, payload: &[u8]) -> &mut Self {
-        let len = 4 + payload.len();
-        self.0.extend((len as u16).to_ne_bytes());
-        self.0.extend(kind.to_ne_bytes());
-        self.0.extend(payload);
-        self.0.resize(self.0.len().next_multiple_of(4), 0);
-        self
-    }
-
-    fn put_str(&mut self, kind: u16, s: &str) -> &mut Self {
-        let mut b = s.as_bytes().to_vec();
-        b.push(0);
-        self.put(kind, &b)
-    }
-
-    fn nest(&mut self, kind: u16, f: impl FnOnce(&mut Attrs)) -> &mut Self {
-        let mut inner = Attrs::default();
-        f(&mut inner);
-        self.put(kind | NLA_F_NESTED, &inner.0)
-    }
-}
-
 fn verdict_attrs(a: &mut Attrs, v: &Verdict) {
     let (code, chain): (i32, Option<&str>) = match v {
         Verdict::Accept => (1, None),
@@ -165,19 +134,6 @@ fn element_attrs(a: &mut Attrs, e: &Element, with_data: bool) {
             el.put(NFTA_SET_ELEM_USERDATA, &udata);
         }
     });
-}
-
-/// One netlink message: header, nfgenmsg, attributes.
-fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, a: &[u8]) {
-    let len = 16 + 4 + a.len();
-    buf.extend((len as u32).to_ne_bytes());
-    buf.extend(kind.to_ne_bytes());
-    buf.extend(flags.to_ne_bytes());
-    buf.extend(seq.to_ne_bytes());
-    buf.extend(0u32.to_ne_bytes());
-    buf.extend([family, 0]);
-    buf.extend(res_id.to_be_bytes());
-    buf.extend(a);
 }
 
 /// The batch for `ops` (sequence numbers 1..=ops.len() are the statements).
@@ -241,10 +197,7 @@ fn io_err(what: &str, e: std::io::Error) -> NftError {
 /// equivalent script, so [`super::Transaction::apply_ignoring`] works the same.
 pub(super) fn apply(ops: &[(&ElemOp, &str)]) -> Result<(), NftError> {
     let elem_ops: Vec<&ElemOp> = ops.iter().map(|(op, _)| *op).collect();
-    let mut sock = netlink_sys::Socket::new(NETLINK_NETFILTER).map_err(|e| io_err("socket", e))?;
-    sock.bind_auto().map_err(|e| io_err("bind", e))?;
-    sock.connect(&netlink_sys::SocketAddr::new(0, 0))
-        .map_err(|e| io_err("connect", e))?;
+    let sock = crate::nfnetlink::open().map_err(|e| io_err("socket", e))?;
     let msg = batch(&elem_ops);
     sock.send(&msg, 0).map_err(|e| io_err("send", e))?;
     let mut pending = ops.len();
@@ -254,22 +207,17 @@ pub(super) fn apply(ops: &[(&ElemOp, &str)]) -> Result<(), NftError> {
         let n = sock
             .recv(&mut &mut buf[..], 0)
             .map_err(|e| io_err("recv", e))?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4")) as usize;
-            if len < 16 || off + len > n {
-                return Err(NftError::Io("nfnetlink: malformed reply".into()));
+        let msgs = crate::nfnetlink::messages(&buf[..n])
+            .ok_or_else(|| NftError::Io("nfnetlink: malformed reply".into()))?;
+        for m in msgs
+            .iter()
+            .filter(|m| m.kind == NLMSG_ERROR && m.body.len() >= 4)
+        {
+            pending = pending.saturating_sub(1);
+            let errno = crate::nfnetlink::errno(m.body);
+            if errno != 0 {
+                errors.push(stmt_error(m.seq as usize, errno, ops));
             }
-            if kind == NLMSG_ERROR && len >= 20 {
-                let errno = -i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
-                pending = pending.saturating_sub(1);
-                if errno != 0 {
-                    errors.push(stmt_error(seq, errno, ops));
-                }
-            }
-            off += len.next_multiple_of(4);
         }
     }
     if errors.is_empty() {

@@ -1,0 +1,124 @@
+//! nfnetlink framing shared by the nf_tables element batches ([`crate::nft`]) and
+//! ctnetlink ([`crate::conntrack`]): attributes, message headers with their
+//! `nfgenmsg`, splitting a reply datagram, and the socket.
+
+use netlink_sys::{Socket, SocketAddr};
+
+pub(crate) const NETLINK_NETFILTER: isize = 12;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLMSG_ERROR: u16 = 0x2;
+pub(crate) const NLMSG_DONE: u16 = 0x3;
+pub(crate) const NLA_F_NESTED: u16 = 0x8000;
+/// An attribute's type without the NESTED / NET_BYTEORDER flag bits.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const NLMSG_HDRLEN: usize = 16;
+/// `struct nfgenmsg`: family, version, res_id (big-endian).
+pub(crate) const NFGENMSG_LEN: usize = 4;
+
+/// Netlink attributes written into a growing buffer (4-byte aligned).
+#[derive(Default)]
+pub(crate) struct Attrs(pub(crate) Vec<u8>);
+
+impl Attrs {
+    pub(crate) fn put(&mut self, kind: u16, payload: &[u8]) -> &mut Self {
+        let len = 4 + payload.len();
+        self.0.extend((len as u16).to_ne_bytes());
+        self.0.extend(kind.to_ne_bytes());
+        self.0.extend(payload);
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
+        self
+    }
+
+    /// A NUL-terminated string.
+    pub(crate) fn put_str(&mut self, kind: u16, s: &str) -> &mut Self {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.put(kind, &b)
+    }
+
+    pub(crate) fn nest(&mut self, kind: u16, f: impl FnOnce(&mut Attrs)) -> &mut Self {
+        let mut inner = Attrs::default();
+        f(&mut inner);
+        self.put(kind | NLA_F_NESTED, &inner.0)
+    }
+}
+
+/// The attributes in `buf` as (type without flag bits, payload); stops at the first
+/// malformed one.
+pub(crate) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes(buf.get(0..2)?.try_into().ok()?));
+        let kind = u16::from_ne_bytes(buf.get(2..4)?.try_into().ok()?) & NLA_TYPE_MASK;
+        let payload = buf.get(4..len)?;
+        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some((kind, payload))
+    })
+}
+
+/// Append one message: netlink header (port id 0: the kernel fills in ours),
+/// nfgenmsg (version 0), attributes.
+pub(crate) fn message(
+    buf: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    buf.extend((len as u32).to_ne_bytes());
+    buf.extend(kind.to_ne_bytes());
+    buf.extend(flags.to_ne_bytes());
+    buf.extend(seq.to_ne_bytes());
+    buf.extend(0u32.to_ne_bytes());
+    buf.extend([family, 0]);
+    buf.extend(res_id.to_be_bytes());
+    buf.extend(attrs);
+}
+
+/// One message of a reply datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Msg<'a> {
+    pub(crate) kind: u16,
+    pub(crate) flags: u16,
+    pub(crate) seq: u32,
+    pub(crate) body: &'a [u8],
+}
+
+/// The messages of one datagram; `None` if it is malformed.
+pub(crate) fn messages(mut buf: &[u8]) -> Option<Vec<Msg<'_>>> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let hdr = buf.get(..NLMSG_HDRLEN)?;
+        let len = u32::from_ne_bytes(hdr[0..4].try_into().expect("4 bytes")) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return None;
+        }
+        out.push(Msg {
+            kind: u16::from_ne_bytes(hdr[4..6].try_into().expect("2 bytes")),
+            flags: u16::from_ne_bytes(hdr[6..8].try_into().expect("2 bytes")),
+            seq: u32::from_ne_bytes(hdr[8..12].try_into().expect("4 bytes")),
+            body: &buf[NLMSG_HDRLEN..len],
+        });
+        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Some(out)
+}
+
+/// The errno of an NLMSG_ERROR or NLMSG_DONE body (0: success); EPROTO if cut short.
+pub(crate) fn errno(body: &[u8]) -> i32 {
+    body.get(..4).map_or(libc::EPROTO, |b| {
+        -i32::from_ne_bytes(b.try_into().expect("4 bytes"))
+    })
+}
+
+/// A NETLINK_NETFILTER socket of the calling thread's namespace, bound and
+/// connected to the kernel.
+pub(crate) fn open() -> std::io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    Ok(sock)
+}
