@@ -29,23 +29,19 @@ const ALLOWED: &str = "allowed";
 const CHAIN: &str = "prerouting";
 const TABLE_COMMENT: &str = "weft bridge macspoofchk - managed by weft, do not edit";
 
-fn constant(s: &str) -> Ident {
-    Ident::new(s).expect("constant nft names are valid")
-}
-
 fn iface(name: &str) -> Result<Value> {
     Ident::new(name).map(Value::Iface)
 }
 
 /// Table, sets and the one rule (idempotent; the chain is rewritten).
 pub fn ensure_tx() -> Transaction {
-    let (t, chain) = (constant(TABLE), constant(CHAIN));
-    let (ports, allowed) = (constant(PORTS), constant(ALLOWED));
+    let (t, chain) = (Ident::constant(TABLE), Ident::constant(CHAIN));
+    let (ports, allowed) = (Ident::constant(PORTS), Ident::constant(ALLOWED));
     let mut tx = Transaction::new();
     tx.add_table(FAMILY, &t, Some(&Comment::new(TABLE_COMMENT)))
         .add_set(FAMILY, &t, &ports, &SetDecl::set("ifname"))
         .add_set(FAMILY, &t, &allowed, &SetDecl::set("ifname . ether_addr"))
-        .add_chain(
+        .rebuild_chain(
             FAMILY,
             &t,
             &chain,
@@ -56,29 +52,23 @@ pub fn ensure_tx() -> Transaction {
                 policy: Policy::Accept,
             }),
             None,
-        )
-        .flush_chain(FAMILY, &t, &chain)
-        .add_rule(
-            FAMILY,
-            &t,
-            &chain,
-            &Rule::new()
+            &[Rule::new()
                 .kw("iifname")
                 .set_ref(&ports)
                 .kw("iifname . ether saddr !=")
                 .set_ref(&allowed)
-                .verdict(&Verdict::Drop),
+                .verdict(&Verdict::Drop)],
         );
     tx
 }
 
 fn elements_tx(tx: &mut Transaction, att: &Attachment<'_>, veth: &str, mac: [u8; 6]) -> Result<()> {
-    let t = constant(TABLE);
+    let t = Ident::constant(TABLE);
     let port = iface(veth)?;
     tx.add_elements(
         FAMILY,
         &t,
-        &constant(ALLOWED),
+        &Ident::constant(ALLOWED),
         &[Element::new(Value::Concat(vec![
             port.clone(),
             Value::Mac(mac),
@@ -87,7 +77,7 @@ fn elements_tx(tx: &mut Transaction, att: &Attachment<'_>, veth: &str, mac: [u8;
     .add_elements(
         FAMILY,
         &t,
-        &constant(PORTS),
+        &Ident::constant(PORTS),
         &[Element::new(port).comment(att.comment())],
     );
     Ok(())
@@ -119,7 +109,7 @@ pub fn del(att: &Attachment<'_>, hint: Option<(&str, [u8; 6])>) -> Result<()> {
             tx
         }
         None => {
-            let Some(l) = nft::list_table(FAMILY, &constant(TABLE))
+            let Some(l) = nft::list_table(FAMILY, &Ident::constant(TABLE))
                 .map_err(|e| e.context("macspoofchk teardown"))?
             else {
                 return Ok(());
@@ -138,7 +128,7 @@ pub fn del(att: &Attachment<'_>, hint: Option<(&str, [u8; 6])>) -> Result<()> {
 
 /// GC: remove the guards (and MACs) of `network`'s attachments not in `valid`.
 pub fn gc(network: &str, valid: &[(&str, &str)]) -> Result<usize> {
-    let Some(l) = nft::list_table(FAMILY, &constant(TABLE))? else {
+    let Some(l) = nft::list_table(FAMILY, &Ident::constant(TABLE))? else {
         return Ok(0);
     };
     let keep: Vec<String> = valid
@@ -163,7 +153,7 @@ pub fn gc(network: &str, valid: &[(&str, &str)]) -> Result<usize> {
 
 /// Whether `veth` is guarded and allows exactly `mac`.
 pub fn check(veth: &str, mac: [u8; 6]) -> Result<bool> {
-    let Some(l) = nft::list_table(FAMILY, &constant(TABLE))? else {
+    let Some(l) = nft::list_table(FAMILY, &Ident::constant(TABLE))? else {
         return Ok(false);
     };
     let want = Value::Mac(mac).to_string();
@@ -200,12 +190,17 @@ fn allowed(l: &Listing) -> impl Iterator<Item = (String, String)> {
 /// The deletion of `port`'s guard and of its allowed pairs with `macs`, each its own
 /// statement (so a teardown drops only what is already gone).
 fn delete_guard(tx: &mut Transaction, port: &str, macs: &[[u8; 6]]) -> Result<()> {
-    let t = constant(TABLE);
+    let t = Ident::constant(TABLE);
     let key = iface(port)?;
-    tx.delete_elements(FAMILY, &t, &constant(PORTS), std::slice::from_ref(&key));
+    tx.delete_elements(
+        FAMILY,
+        &t,
+        &Ident::constant(PORTS),
+        std::slice::from_ref(&key),
+    );
     for mac in macs {
         let pair = Value::Concat(vec![key.clone(), Value::Mac(*mac)]);
-        tx.delete_elements(FAMILY, &t, &constant(ALLOWED), &[pair]);
+        tx.delete_elements(FAMILY, &t, &Ident::constant(ALLOWED), &[pair]);
     }
     Ok(())
 }

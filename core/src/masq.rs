@@ -101,25 +101,22 @@ pub const CHAIN_PREFIX: &str = "masq";
 
 const FAMILY: Family = Family::Inet;
 const TABLE_COMMENT: &str = "weft bridge ipMasq - managed by weft, do not edit";
-const OWNER_TYPE: &str = "mark . mark . mark . mark";
+/// The value type of an owners map: two 64-bit hashes as four marks.
+pub const OWNER_TYPE: &str = "mark . mark . mark . mark";
 /// Hashed into network chain names: a release that changes [`chain_rules`] bumps it,
 /// so its pods jump to new chains instead of trusting old ones.
 const CHAIN_LAYOUT: &str = "v1";
 
-fn constant(s: &str) -> Ident {
-    Ident::new(s).expect("constant nft names are valid")
-}
-
 fn table() -> Ident {
-    constant(TABLE)
+    Ident::constant(TABLE)
 }
 
 fn pods_map(ip: &IpAddr) -> Ident {
-    constant(if ip.is_ipv4() { PODS_V4 } else { PODS_V6 })
+    Ident::constant(if ip.is_ipv4() { PODS_V4 } else { PODS_V6 })
 }
 
 fn owners_map(ip: &IpAddr) -> Ident {
-    constant(if ip.is_ipv4() { OWNERS_V4 } else { OWNERS_V6 })
+    Ident::constant(if ip.is_ipv4() { OWNERS_V4 } else { OWNERS_V6 })
 }
 
 /// Whom a masquerade belongs to: the CNI attachment.
@@ -185,7 +182,7 @@ pub fn network_chain_prefix(network: &str) -> String {
 /// The chain of one subnet of `network` (host bits of `subnet` are ignored):
 /// `masq-<hash(network)>-<hash(layout version, subnet)>`.
 pub fn network_chain(network: &str, subnet: &IpNet) -> Ident {
-    constant(&format!(
+    Ident::constant(&format!(
         "{}{}",
         network_chain_prefix(network),
         nft::hash_hex(&[CHAIN_LAYOUT, &subnet.trunc().to_string()])
@@ -227,34 +224,34 @@ pub fn chain_rules(subnet: &IpNet) -> Vec<Rule> {
 /// a base chain, so ADD runs it only when its fast path failed.
 pub fn ensure_tx() -> Transaction {
     let t = table();
-    let base = constant(BASE_CHAIN);
+    let base = Ident::constant(BASE_CHAIN);
     let mut tx = Transaction::new();
     tx.add_table(FAMILY, &t, Some(&Comment::new(TABLE_COMMENT)))
         .add_set(
             FAMILY,
             &t,
-            &constant(PODS_V4),
+            &Ident::constant(PODS_V4),
             &SetDecl::map("ipv4_addr", "verdict"),
         )
         .add_set(
             FAMILY,
             &t,
-            &constant(PODS_V6),
+            &Ident::constant(PODS_V6),
             &SetDecl::map("ipv6_addr", "verdict"),
         )
         .add_set(
             FAMILY,
             &t,
-            &constant(OWNERS_V4),
+            &Ident::constant(OWNERS_V4),
             &SetDecl::map("ipv4_addr", OWNER_TYPE),
         )
         .add_set(
             FAMILY,
             &t,
-            &constant(OWNERS_V6),
+            &Ident::constant(OWNERS_V6),
             &SetDecl::map("ipv6_addr", OWNER_TYPE),
         )
-        .add_chain(
+        .rebuild_chain(
             FAMILY,
             &t,
             &base,
@@ -265,19 +262,14 @@ pub fn ensure_tx() -> Transaction {
                 policy: Policy::Accept,
             }),
             None,
-        )
-        .flush_chain(FAMILY, &t, &base)
-        .add_rule(
-            FAMILY,
-            &t,
-            &base,
-            &Rule::new().kw("ip saddr vmap").set_ref(&constant(PODS_V4)),
-        )
-        .add_rule(
-            FAMILY,
-            &t,
-            &base,
-            &Rule::new().kw("ip6 saddr vmap").set_ref(&constant(PODS_V6)),
+            &[
+                Rule::new()
+                    .kw("ip saddr vmap")
+                    .set_ref(&Ident::constant(PODS_V4)),
+                Rule::new()
+                    .kw("ip6 saddr vmap")
+                    .set_ref(&Ident::constant(PODS_V6)),
+            ],
         );
     tx
 }
@@ -329,11 +321,14 @@ pub fn ensure_network_tx(network: &str, subnets: &[IpNet]) -> Transaction {
         done.push(subnet);
         let chain = network_chain(network, &subnet);
         let comment = Comment::new(&format!("net:{network} subnet:{subnet}"));
-        tx.add_chain(FAMILY, &t, &chain, None, Some(&comment))
-            .flush_chain(FAMILY, &t, &chain);
-        for r in chain_rules(&subnet) {
-            tx.add_rule(FAMILY, &t, &chain, &r);
-        }
+        tx.rebuild_chain(
+            FAMILY,
+            &t,
+            &chain,
+            None,
+            Some(&comment),
+            &chain_rules(&subnet),
+        );
     }
     tx
 }
@@ -744,10 +739,7 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
             && !used.contains(c.name.as_str())
             && let Ok(chain) = Ident::new(c.name.clone())
         {
-            tx.group(|tx| {
-                tx.flush_chain(FAMILY, &t, &chain)
-                    .delete_chain(FAMILY, &t, &chain);
-            });
+            tx.drop_chain(FAMILY, &t, &chain);
         }
     }
     (tx, stale.len())

@@ -115,6 +115,11 @@ impl Ident {
         }
     }
 
+    /// A name written in the caller's source code; panics if it is not valid.
+    pub fn constant(s: &str) -> Ident {
+        Ident::new(s).expect("constant nft names are valid")
+    }
+
     /// `<prefix>-<hash_hex(parts)>`; `prefix` must itself be a valid identifier.
     pub fn hashed(prefix: &str, parts: &[&str]) -> Result<Ident, CniError> {
         Ident::new(format!("{prefix}-{}", hash_hex(parts)))
@@ -692,6 +697,33 @@ impl Transaction {
     /// and while the chain has rules (flush it first, in the same transaction).
     pub fn delete_chain(&mut self, family: Family, table: &Ident, chain: &Ident) -> &mut Self {
         self.push(format!("delete chain {family} {table} {chain}"))
+    }
+
+    /// `add chain` + `flush chain` + `rules`: afterwards the chain holds exactly
+    /// `rules`, whatever it held before (idempotent, atomic, repairs tampering).
+    pub fn rebuild_chain(
+        &mut self,
+        family: Family,
+        table: &Ident,
+        chain: &Ident,
+        base: Option<&BaseChain>,
+        comment: Option<&Comment>,
+        rules: &[Rule],
+    ) -> &mut Self {
+        self.add_chain(family, table, chain, base, comment)
+            .flush_chain(family, table, chain);
+        for r in rules {
+            self.add_rule(family, table, chain, r);
+        }
+        self
+    }
+
+    /// `flush chain` + `delete chain` as one unit (see [`Self::apply_ignoring`]).
+    pub fn drop_chain(&mut self, family: Family, table: &Ident, chain: &Ident) -> &mut Self {
+        self.group(|tx| {
+            tx.flush_chain(family, table, chain)
+                .delete_chain(family, table, chain);
+        })
     }
 
     /// `add rule` appends: it is **not** idempotent.

@@ -49,7 +49,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use weft_core::masq::{self, Attachment, Owner};
+use weft_core::masq::{self, Attachment, OWNER_TYPE, Owner};
 use weft_core::nft::{
     self, BaseChain, ChainType, Comment, Element, Family, Hook, Ident, Listing, Policy, Priority,
     Rule, SetDecl, Transaction, Value, Verdict,
@@ -59,16 +59,11 @@ pub const TABLE: &str = "weft_portmap";
 const FAMILY: Family = Family::Inet;
 const TABLE_COMMENT: &str = "weft portmap - managed by weft, do not edit";
 const HOSTPORTS: &str = "hostports";
-const OWNER_TYPE: &str = "mark . mark . mark . mark";
 /// Hashed into network chain names: a release that changes [`chain_rules`] bumps it.
 const CHAIN_LAYOUT: &str = "v1";
 
-fn constant(s: &str) -> Ident {
-    Ident::new(s).expect("constant nft names are valid")
-}
-
 fn table() -> Ident {
-    constant(TABLE)
+    Ident::constant(TABLE)
 }
 
 /// One mapped host port of one family: what a packet is matched on.
@@ -93,7 +88,7 @@ impl Key {
         } else {
             "ports"
         };
-        constant(&format!("{kind}_{}", self.family()))
+        Ident::constant(&format!("{kind}_{}", self.family()))
     }
 
     fn targets_map(&self) -> Ident {
@@ -101,7 +96,7 @@ impl Key {
     }
 
     fn owners_map(&self) -> Ident {
-        constant(&format!("owners_{}", self.family()))
+        Ident::constant(&format!("owners_{}", self.family()))
     }
 
     /// The key in the ports and targets maps: `[hostIP .] proto . port`.
@@ -258,11 +253,8 @@ impl Plan {
         let t = table();
         let mut tx = ensure_tx(conf);
         for (chain, subnet, with_ip) in &self.chains {
-            tx.add_chain(FAMILY, &t, chain, None, None)
-                .flush_chain(FAMILY, &t, chain);
-            for r in chain_rules(conf, subnet, *with_ip) {
-                tx.add_rule(FAMILY, &t, chain, &r);
-            }
+            let rules = chain_rules(conf, subnet, *with_ip);
+            tx.rebuild_chain(FAMILY, &t, chain, None, None, &rules);
         }
         tx
     }
@@ -270,7 +262,7 @@ impl Plan {
 
 fn targets_map(v6: bool, with_ip: bool) -> Ident {
     let kind = if with_ip { "hostip_targets" } else { "targets" };
-    constant(&format!("{kind}_{}", if v6 { "v6" } else { "v4" }))
+    Ident::constant(&format!("{kind}_{}", if v6 { "v6" } else { "v4" }))
 }
 
 /// `pm-<h(network)>-<h(layout, options, subnet)>-a|h`: one chain per network, set of
@@ -286,7 +278,7 @@ fn network_chain(network: &str, conf: &PortMapConf, ip: &IpNet, with_ip: bool) -
         conf.snat, conf.masq_all, conf.mark_bit, conditions
     );
     let subnet = ip.trunc().to_string();
-    constant(&format!(
+    Ident::constant(&format!(
         "{}{}-{}",
         network_chain_prefix(network),
         nft::hash_hex(&[CHAIN_LAYOUT, &opts, &subnet]),
@@ -304,7 +296,7 @@ fn mark(conf: &PortMapConf) -> Value {
 }
 
 fn masq_chain(conf: &PortMapConf) -> Ident {
-    constant(&format!("masq-bit{}", conf.mark_bit))
+    Ident::constant(&format!("masq-bit{}", conf.mark_bit))
 }
 
 /// A network chain's rules: mark what needs masquerading, then DNAT.
@@ -378,13 +370,16 @@ pub fn ensure_tx(conf: &PortMapConf) -> Transaction {
             ("hostip_targets", SetDecl::map(with_ip, target)),
             ("owners", SetDecl::map(with_ip, OWNER_TYPE)),
         ] {
-            tx.add_set(FAMILY, &t, &constant(&format!("{name}_{fam}")), &decl);
+            tx.add_set(
+                FAMILY,
+                &t,
+                &Ident::constant(&format!("{name}_{fam}")),
+                &decl,
+            );
         }
     }
-    let hostports = constant(HOSTPORTS);
-    tx.add_chain(FAMILY, &t, &hostports, None, None)
-        .flush_chain(FAMILY, &t, &hostports);
-    for (lookup, map) in [
+    let hostports = Ident::constant(HOSTPORTS);
+    let lookups: Vec<Rule> = [
         ("ip daddr . meta l4proto . th dport vmap", "hostip_ports_v4"),
         ("meta nfproto ipv4 meta l4proto . th dport vmap", "ports_v4"),
         (
@@ -392,51 +387,45 @@ pub fn ensure_tx(conf: &PortMapConf) -> Transaction {
             "hostip_ports_v6",
         ),
         ("meta nfproto ipv6 meta l4proto . th dport vmap", "ports_v6"),
-    ] {
-        tx.add_rule(
-            FAMILY,
-            &t,
-            &hostports,
-            &Rule::new().kw(lookup).set_ref(&constant(map)),
-        );
-    }
+    ]
+    .into_iter()
+    .map(|(lookup, map)| Rule::new().kw(lookup).set_ref(&Ident::constant(map)))
+    .collect();
+    tx.rebuild_chain(FAMILY, &t, &hostports, None, None, &lookups);
     // nft 1.0.6 knows the name `dstnat` in prerouting only; it is -100 in both.
+    let to_hostports = Rule::new()
+        .kw("fib daddr type local")
+        .verdict(&Verdict::Jump(hostports));
     for (name, hook, prio) in [
         ("prerouting", Hook::Prerouting, Priority::DstNat),
         ("output", Hook::Output, Priority::Num(-100)),
     ] {
-        let chain = constant(name);
-        tx.add_chain(FAMILY, &t, &chain, Some(&nat_chain(hook, prio)), None)
-            .flush_chain(FAMILY, &t, &chain)
-            .add_rule(
-                FAMILY,
-                &t,
-                &chain,
-                &Rule::new()
-                    .kw("fib daddr type local")
-                    .verdict(&Verdict::Jump(hostports.clone())),
-            );
+        let base = nat_chain(hook, prio);
+        let chain = Ident::constant(name);
+        tx.rebuild_chain(
+            FAMILY,
+            &t,
+            &chain,
+            Some(&base),
+            None,
+            std::slice::from_ref(&to_hostports),
+        );
     }
     if conf.snat {
-        let chain = masq_chain(conf);
-        tx.add_chain(
+        let base = nat_chain(Hook::Postrouting, Priority::SrcNat);
+        let masquerade = Rule::new()
+            .kw("meta mark &")
+            .value(mark(conf))
+            .kw("==")
+            .value(mark(conf))
+            .kw("masquerade");
+        tx.rebuild_chain(
             FAMILY,
             &t,
-            &chain,
-            Some(&nat_chain(Hook::Postrouting, Priority::SrcNat)),
+            &masq_chain(conf),
+            Some(&base),
             None,
-        )
-        .flush_chain(FAMILY, &t, &chain)
-        .add_rule(
-            FAMILY,
-            &t,
-            &chain,
-            &Rule::new()
-                .kw("meta mark &")
-                .value(mark(conf))
-                .kw("==")
-                .value(mark(conf))
-                .kw("masquerade"),
+            &[masquerade],
         );
     }
     tx
@@ -617,10 +606,7 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
             && !used.contains(&c.name)
             && let Ok(chain) = Ident::new(c.name.clone())
         {
-            tx.group(|tx| {
-                tx.flush_chain(FAMILY, &t, &chain)
-                    .delete_chain(FAMILY, &t, &chain);
-            });
+            tx.drop_chain(FAMILY, &t, &chain);
         }
     }
     (tx, stale.len())
