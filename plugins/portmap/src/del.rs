@@ -4,7 +4,7 @@ use crate::config::{self, PortMapConf};
 use crate::rules::{self, Key};
 use crate::state;
 use weft_core::error::{CniError, Result};
-use weft_core::masq::{Attachment, Owner};
+use weft_core::masq::Attachment;
 use weft_core::nft::ErrorKind;
 use weft_core::skel::Request;
 
@@ -66,13 +66,11 @@ pub fn gc(req: &Request, conf: &PortMapConf) -> Result<()> {
             weft_core::info!("portmap GC removed the mappings of {removed} attachment(s)");
         }
     }
+    // Their keys went with the owners above (a record's keys are owned by its
+    // attachment), so only the records are left to remove.
     for r in state::all(&conf.data_dir) {
         let live = pairs.contains(&(r.container_id.as_str(), r.ifname.as_str()));
         if r.network == *network && !live {
-            let owner: Owner = Attachment::new(network, &r.container_id, &r.ifname).owner();
-            rules::del_tx(&r.keys, &owner)
-                .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
-                .map_err(|e| CniError::from(e).context("portmap GC"))?;
             state::remove(&conf.data_dir, &r.container_id, &r.ifname)?;
         }
     }
