@@ -138,13 +138,25 @@ impl Node {
 impl Node {
     /// portmap alone for (`cid`, eth0), as a runtime would call it in the chain.
     fn portmap(&self, cmd: &str, cid: &str, pod: &TestNetns, conf: &Value) -> netns_tests::Outcome {
+        self.portmap_on(cmd, cid, pod, "eth0", conf)
+    }
+
+    /// [`Self::portmap`] for another CNI_IFNAME.
+    fn portmap_on(
+        &self,
+        cmd: &str,
+        cid: &str,
+        pod: &TestNetns,
+        ifname: &str,
+        conf: &Value,
+    ) -> netns_tests::Outcome {
         Invocation::plugin("portmap")
             .in_netns(self.ns.path())
             .command(cmd)
             .path(&[bin_dir()])
             .container_id(cid)
             .netns(pod.path())
-            .ifname("eth0")
+            .ifname(ifname)
             .stdin_json(conf)
             .run()
     }
@@ -553,21 +565,9 @@ fn bad_configs_and_nothing_to_do() {
     let a = TestNetns::new();
     let r = driver.add(&pod("a", &a, json!([]))).unwrap();
     assert_eq!(node.table(), "", "no mappings: no table");
-    let run = |conf: &Value, ifname: &str| {
-        Invocation::plugin("portmap")
-            .in_netns(node.ns.path())
-            .command("ADD")
-            .path(&[bin_dir()])
-            .container_id("x")
-            .netns(a.path())
-            .ifname(ifname)
-            .stdin_json(conf)
-            .run()
-    };
+    let run = |conf: &Value, ifname: &str| node.portmap_on("ADD", "x", &a, ifname, conf);
     let base = |extra: Value, maps: Value| {
-        let mut c = json!({"cniVersion": "1.1.0", "name": node.name, "type": "portmap",
-            "dataDir": node.dir.join("portmap"), "prevResult": r,
-            "runtimeConfig": {"portMappings": maps}});
+        let mut c = node.portmap_conf(&maps, Some(&r));
         for (k, v) in extra.as_object().unwrap() {
             c[k] = v.clone();
         }
