@@ -14,6 +14,7 @@ pub mod netlink;
 pub mod netns;
 mod nfnetlink;
 pub mod nft;
+pub mod node_masq;
 pub mod skel;
 pub mod spec;
 pub mod sysctl;
