@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod delegate;
 pub mod error;
 pub mod ident;
+pub mod lease;
 pub mod log;
 pub mod macspoof;
 pub mod masq;

@@ -6,11 +6,14 @@
 //! - [`Invocation`] / [`Outcome`]: run one plugin with a controlled environment.
 //! - [`driver::Driver`]: a libcni-like conflist runtime (ADD/CHECK/DEL/GC/STATUS + result cache).
 //! - [`fake::FakePlugin`]: shell-script plugins that record their calls.
+//! - [`etcd::EtcdCluster`]: real etcd servers (1 or 3 members, TLS, in a netns),
+//!   inspected through etcd's v3 JSON gateway with curl.
 //!
 //! Tests that need root start with `if !netns_tests::require_root() { return; }`.
 
 pub mod base64;
 pub mod driver;
+pub mod etcd;
 pub mod fake;
 mod netns;
 mod runner;

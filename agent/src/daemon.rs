@@ -1,0 +1,415 @@
+//! The agent's life: config → lease → rules → subnet.env → ready, then keep the
+//! lease renewed, the peer set current and the rules intact until SIGTERM.
+
+use crate::health::Status;
+use crate::iface::ExtIface;
+use anyhow::{Context, bail};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+use weft_core::lease::{
+    AcquireRequest, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig, PeerEvent,
+    PeerUpdate, SubnetEnv, SubnetKey, first_host_v4, first_host_v6,
+};
+use weft_core::node_masq::NodeMasq;
+
+/// Backends weftd can announce; flanneld ignores peers of other types.
+const BACKENDS: [&str; 2] = ["vxlan", "host-gw"];
+/// Wait between retries of a failed renewal (flanneld: 1 min).
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// What the daemon needs besides its lease source.
+pub struct Settings {
+    pub iface: ExtIface,
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+    pub subnet_file: PathBuf,
+    pub renew_margin: Duration,
+    pub ip_masq: bool,
+    pub fully_random: bool,
+    pub forward_rules: bool,
+    pub rules_resync: Duration,
+}
+
+/// One node's state while running.
+struct Node<'a, S> {
+    source: S,
+    settings: &'a Settings,
+    status: Arc<Status>,
+    config: NetworkConfig,
+    request: AcquireRequest,
+    lease: Lease,
+    renew_at: Instant,
+    /// Other nodes' leases; deletions are matched against these.
+    peers: BTreeMap<SubnetKey, Lease>,
+}
+
+/// Run until SIGTERM or SIGINT. Errors only for what an operator must fix.
+pub async fn run<S: LeaseSource>(
+    source: S,
+    settings: &Settings,
+    status: Arc<Status>,
+) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let mut node = tokio::select! {
+        r = start(source, settings, status.clone()) => r?,
+        name = signals.recv() => {
+            info!("{name} before the lease was acquired; exiting");
+            return Ok(());
+        }
+    };
+    let mut rules_tick = tokio::time::interval(settings.rules_resync.max(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            name = signals.recv() => {
+                info!("{name}: shutting down; the lease stays for the next start");
+                break;
+            }
+            _ = tokio::time::sleep_until(node.renew_at.into()) => node.renew().await,
+            update = node.source.next_peers() => node.peers_changed(update?).await?,
+            _ = rules_tick.tick() => node.check_rules().await,
+        }
+    }
+    status.ready.store(false, Ordering::Relaxed);
+    Ok(())
+}
+
+/// SIGTERM (what kubelet and systemd send) and SIGINT.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Everything up to ready.
+async fn start<S: LeaseSource>(
+    mut source: S,
+    settings: &Settings,
+    status: Arc<Status>,
+) -> anyhow::Result<Node<'_, S>> {
+    let config = wait_for_config(&mut source).await?;
+    check_backend(&config)?;
+    let previous = match SubnetEnv::read(&settings.subnet_file) {
+        Ok(prev) => prev.unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %e, "ignoring the old subnet file");
+            SubnetEnv::default()
+        }
+    };
+    let request = AcquireRequest {
+        attrs: lease_attrs(&config, settings)?,
+        previous_v4: previous.subnet_v4,
+        previous_v6: previous.subnet_v6,
+    };
+    let lease = acquire(&mut source, &config, &request, &status).await?;
+    let node = Node {
+        source,
+        settings,
+        status,
+        renew_at: renew_at(&lease, settings.renew_margin),
+        config,
+        request,
+        lease,
+        peers: BTreeMap::new(),
+    };
+    node.apply_rules()
+        .await
+        .context("installing the masquerade and forward rules")?;
+    node.write_subnet_file()?;
+    node.status.ready.store(true, Ordering::Relaxed);
+    info!(subnet = %node.lease.key, file = %settings.subnet_file.display(), "ready");
+    Ok(node)
+}
+
+/// flanneld retries every second until the config exists; so do we, and also
+/// while the store is unreachable.
+async fn wait_for_config<S: LeaseSource>(source: &mut S) -> anyhow::Result<NetworkConfig> {
+    let mut logged = false;
+    loop {
+        match source.network_config().await {
+            Ok(config) => return Ok(config),
+            Err(e @ LeaseError::Config(_)) => bail!(e),
+            Err(e) => {
+                if !logged {
+                    warn!(error = %e, "waiting for the network config (retrying every second)");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn check_backend(config: &NetworkConfig) -> anyhow::Result<()> {
+    let kind = &config.backend.kind;
+    if !config.backend.explicit {
+        bail!(
+            "the network config has no Backend; flanneld would run the udp backend, which weft does not have: set \"Backend\": {{\"Type\": \"vxlan\"}} or \"host-gw\""
+        );
+    }
+    if !BACKENDS.contains(&kind.as_str()) {
+        bail!(
+            "backend type {kind:?} is not supported; weft runs {}",
+            BACKENDS.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// The lease value this node publishes.
+fn lease_attrs(config: &NetworkConfig, s: &Settings) -> anyhow::Result<LeaseAttrs> {
+    let public_ip = s.public_ip.or(s.iface.addr_v4);
+    if config.v4.is_some() && public_ip.is_none() {
+        bail!(
+            "{} has no IPv4 address to publish: set --public-ip",
+            s.iface.name
+        );
+    }
+    let public_ipv6 = s.public_ipv6.or(s.iface.addr_v6);
+    if config.v6.is_some() && public_ipv6.is_none() {
+        bail!(
+            "{} has no IPv6 address to publish: set --public-ipv6",
+            s.iface.name
+        );
+    }
+    Ok(LeaseAttrs {
+        public_ip: public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        public_ipv6: config.v6.and(public_ipv6),
+        backend_type: config.backend.kind.clone(),
+        backend_data: None,
+        backend_v6_data: None,
+    })
+}
+
+/// Acquire, retrying what time can fix (store down, contention, a full pool).
+async fn acquire<S: LeaseSource>(
+    source: &mut S,
+    config: &NetworkConfig,
+    req: &AcquireRequest,
+    status: &Status,
+) -> anyhow::Result<Lease> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match source.acquire(config, req).await {
+            Ok(lease) => {
+                status.lease_acquisitions.fetch_add(1, Ordering::Relaxed);
+                status.lease_held.store(true, Ordering::Relaxed);
+                *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) = lease.key.to_string();
+                set_expiry(status, &lease);
+                info!(subnet = %lease.key, etcd_lease = lease.etcd_lease, "leased");
+                return Ok(lease);
+            }
+            Err(e @ LeaseError::Config(_)) => bail!(e),
+            Err(e) => {
+                status.lease_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, retry_in = ?wait, "could not lease a subnet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn set_expiry(status: &Status, lease: &Lease) {
+    let at = lease.ttl.and_then(|t| SystemTime::now().checked_add(t));
+    let secs = at
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    status.lease_expiry.store(secs, Ordering::Relaxed);
+}
+
+/// `ttl − margin` from now; never, for leases without a TTL.
+fn renew_at(lease: &Lease, margin: Duration) -> Instant {
+    match lease.ttl {
+        Some(ttl) => Instant::now() + ttl.saturating_sub(margin).max(Duration::from_secs(1)),
+        None => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
+impl<S: LeaseSource> Node<'_, S> {
+    async fn renew(&mut self) {
+        match self.source.renew(&self.lease).await {
+            Ok(lease) => {
+                self.status.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                set_expiry(&self.status, &lease);
+                self.renew_at = renew_at(&lease, self.settings.renew_margin);
+                info!(subnet = %lease.key, ttl = ?lease.ttl, "lease renewed");
+                self.lease = lease;
+            }
+            Err(e) => {
+                self.status.lease_errors.fetch_add(1, Ordering::Relaxed);
+                self.renew_at = Instant::now() + RENEW_RETRY;
+                warn!(error = %e, retry_in = ?RENEW_RETRY, "lease renewal failed");
+            }
+        }
+    }
+
+    async fn peers_changed(&mut self, update: PeerUpdate) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let own_gone = match update {
+            PeerUpdate::Snapshot(leases) => {
+                self.status.resyncs.fetch_add(1, Ordering::Relaxed);
+                let own_present = leases.iter().any(|l| l.key == self.lease.key);
+                let fresh: BTreeMap<SubnetKey, Lease> = leases
+                    .into_iter()
+                    .filter(|l| l.key != self.lease.key)
+                    .map(|l| (l.key, l))
+                    .collect();
+                let gone = self.peers.keys().filter(|k| !fresh.contains_key(k)).count();
+                info!(peers = fresh.len(), gone, "lease snapshot");
+                self.peers = fresh;
+                !own_present
+            }
+            PeerUpdate::Events(events) => {
+                self.status
+                    .peer_events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                let mut own_gone = false;
+                for ev in events {
+                    match ev {
+                        PeerEvent::Added(l) if l.key == self.lease.key => {}
+                        PeerEvent::Added(l) => {
+                            debug!(subnet = %l.key, public_ip = %l.attrs.public_ip, "peer lease added");
+                            self.peers.insert(l.key, *l);
+                        }
+                        PeerEvent::Removed(k) if k == self.lease.key => own_gone = true,
+                        PeerEvent::Removed(k) => {
+                            if self.peers.remove(&k).is_some() {
+                                debug!(subnet = %k, "peer lease removed");
+                            }
+                        }
+                    }
+                }
+                own_gone
+            }
+        };
+        self.status
+            .peers
+            .store(self.peers.len() as u64, Ordering::Relaxed);
+        if own_gone {
+            self.reacquire().await?;
+        }
+        self.status
+            .observe_reconcile(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Our lease was deleted behind our back (flanneld exits here). Take the same
+    /// subnet again if it is free, else a new one, and tell the plugins.
+    async fn reacquire(&mut self) -> anyhow::Result<()> {
+        warn!(subnet = %self.lease.key, "our lease was deleted from the store; leasing again");
+        self.status.lease_held.store(false, Ordering::Relaxed);
+        self.request.previous_v4 = self.lease.key.v4;
+        self.request.previous_v6 = self.lease.key.v6;
+        let lease = acquire(&mut self.source, &self.config, &self.request, &self.status).await?;
+        if lease.key != self.lease.key {
+            warn!(old = %self.lease.key, new = %lease.key, "the old subnet was taken meanwhile; pods must be restarted to use the new one");
+        }
+        self.renew_at = renew_at(&lease, self.settings.renew_margin);
+        self.lease = lease;
+        self.apply_rules().await?;
+        self.write_subnet_file()
+    }
+}
+
+impl<S> Node<'_, S> {
+    fn masq(&self) -> NodeMasq {
+        NodeMasq {
+            network_v4: self.config.network_v4(),
+            subnet_v4: self.lease.key.v4,
+            network_v6: self.config.network_v6(),
+            subnet_v6: self.lease.key.v6,
+            fully_random: self.settings.fully_random,
+            forward_rules: self.settings.forward_rules,
+            masquerade: self.settings.ip_masq,
+        }
+    }
+
+    /// Install the rules (or remove our table when neither masquerade nor forward
+    /// rules are wanted). nft runs as a child process: off the async threads.
+    async fn apply_rules(&self) -> anyhow::Result<()> {
+        let masq = self.masq();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            if masq.masquerade || masq.forward_rules {
+                masq.apply()
+            } else {
+                NodeMasq::remove()
+            }
+        })
+        .await
+        .context("the rules task panicked")?;
+        self.status
+            .observe_reconcile(started.elapsed().as_secs_f64());
+        result.map_err(|e| {
+            self.status
+                .programming_errors
+                .fetch_add(1, Ordering::Relaxed);
+            anyhow::anyhow!("{}", e.msg)
+        })
+    }
+
+    /// Repair rules removed or changed by hand (flanneld's iptables resync).
+    async fn check_rules(&self) {
+        let masq = self.masq();
+        if !masq.masquerade && !masq.forward_rules {
+            return;
+        }
+        let intact = tokio::task::spawn_blocking(move || masq.check()).await;
+        if let Ok(Err(missing)) = intact {
+            warn!(%missing, "masquerade/forward rules changed behind our back; restoring them");
+            if let Err(e) = self.apply_rules().await {
+                error!(error = %e, "restoring the rules failed");
+            }
+        }
+    }
+
+    fn write_subnet_file(&self) -> anyhow::Result<()> {
+        let env = SubnetEnv {
+            networks_v4: self.config.network_v4().into_iter().collect(),
+            subnet_v4: self.lease.key.v4.map(first_host_v4),
+            networks_v6: self.config.network_v6().into_iter().collect(),
+            subnet_v6: self.lease.key.v6.map(first_host_v6),
+            mtu: Some(self.mtu()),
+            ipmasq: Some(self.settings.ip_masq),
+        };
+        env.write(&self.settings.subnet_file)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// flanneld's FLANNEL_MTU: vxlan adds 50 bytes of headers.
+    fn mtu(&self) -> u32 {
+        let underlay = self
+            .config
+            .backend
+            .options
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("MTU"))
+            .and_then(|(_, v)| v.as_u64())
+            .map_or(self.settings.iface.mtu, |m| m as u32);
+        match self.config.backend.kind.as_str() {
+            "vxlan" => underlay.saturating_sub(50),
+            _ => self.settings.iface.mtu,
+        }
+    }
+}
