@@ -5,14 +5,15 @@ mod flags;
 mod health;
 mod iface;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use flags::Flags;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use weft_core::lease::etcd::{EtcdOptions, EtcdSource};
-use weft_core::lease::{NetworkConfig, StaticSource};
+use weft_core::lease::kube::{KubeOptions, KubeSource};
+use weft_core::lease::{LeaseError, NetworkConfig, StaticSource};
 
 fn main() {
     let flags = Flags::parse_from(flags::normalise_args(std::env::args()));
@@ -59,21 +60,68 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     runtime.block_on(async {
         let status = Arc::new(health::Status::default());
         if flags.healthz_port != 0 {
-            health::serve(SocketAddr::new(flags.healthz_ip, flags.healthz_port), status.clone()).await?;
+            health::serve(
+                SocketAddr::new(flags.healthz_ip, flags.healthz_port),
+                status.clone(),
+            )
+            .await?;
         }
         if flags.kube_subnet_mgr {
-            bail!("--kube-subnet-mgr: the Kubernetes subnet manager is not in this weft build yet; use --etcd-endpoints or --pod-cidr");
+            let config = NetworkConfig::parse_unchecked(&read_net_config(&flags)?)?;
+            let source = KubeSource::connect(&kube_options(&flags), config).await?;
+            return daemon::run(source, &settings, status).await;
         }
         if !flags.pod_cidr.is_empty() {
-            let text = std::fs::read(&flags.net_config_path)
-                .with_context(|| format!("reading the network config {}", flags.net_config_path.display()))?;
-            let config = NetworkConfig::parse_unchecked(&text)?;
+            let config = NetworkConfig::parse_unchecked(&read_net_config(&flags)?)?;
             let source = StaticSource::new(config, &flags.pod_cidr)?;
             return daemon::run(source, &settings, status).await;
         }
-        let source = EtcdSource::connect(&etcd_options(&flags)).await?;
+        let source = connect_etcd(&etcd_options(&flags)).await?;
         daemon::run(source, &settings, status).await
     })
+}
+
+/// Connect, waiting out an unreachable store (with user/password auth, connecting
+/// already talks to etcd). Bad TLS files and flags fail at once.
+async fn connect_etcd(opts: &EtcdOptions) -> anyhow::Result<EtcdSource> {
+    let mut logged = false;
+    loop {
+        match EtcdSource::connect(opts).await {
+            Ok(source) => return Ok(source),
+            Err(e @ LeaseError::Store(_)) => {
+                if !logged {
+                    tracing::warn!(error = %e, "waiting for etcd (retrying every second)");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn read_net_config(flags: &Flags) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(&flags.net_config_path).with_context(|| {
+        format!(
+            "reading the network config {}",
+            flags.net_config_path.display()
+        )
+    })
+}
+
+/// flanneld's identity: NODE_NAME, else the node of POD_NAMESPACE/POD_NAME.
+fn kube_options(flags: &Flags) -> KubeOptions {
+    let env = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
+    KubeOptions {
+        api_url: flags.kube_api_url.clone().filter(|u| !u.is_empty()),
+        kubeconfig: flags
+            .kubeconfig_file
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty()),
+        annotation_prefix: flags.kube_annotation_prefix.clone(),
+        node_name: env("NODE_NAME"),
+        pod: env("POD_NAMESPACE").zip(env("POD_NAME")),
+    }
 }
 
 fn etcd_options(flags: &Flags) -> EtcdOptions {

@@ -557,3 +557,39 @@ fn missing_config_and_a_full_pool_are_reported() {
         "a failed acquisition grants nothing"
     );
 }
+
+#[test]
+fn user_and_password_auth() {
+    if !netns_tests::require_root() {
+        return;
+    }
+    let etcd = started(CONFIG);
+    for (path, body) in [
+        ("/v3/auth/user/add", serde_json::json!({"name": "root", "password": "s3cret"})),
+        ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
+        ("/v3/auth/user/grant", serde_json::json!({"user": "root", "role": "root"})),
+        ("/v3/auth/enable", serde_json::json!({})),
+    ] {
+        etcd.call(path, &body);
+    }
+    let rt = rt();
+    let with = |user: Option<&str>, password: &str| Connect {
+        username: user.map(str::to_owned),
+        password: Some(password.to_owned()),
+        ..connect_opts(&etcd)
+    };
+    let lease = rt.block_on(async {
+        let mut src = EtcdSource::connect(&with(Some("root"), "s3cret")).await.unwrap();
+        let config = src.network_config().await.unwrap();
+        let lease = src.acquire(&config, &request(1)).await.unwrap();
+        let (leases, _) = src.list().await.unwrap();
+        assert_eq!(leases.iter().map(|l| l.key).collect::<Vec<_>>(), [lease.key]);
+        lease
+    });
+    assert!(lease.key.v4.is_some());
+    // A wrong password fails when connecting; no credentials fail on first use.
+    let err = rt.block_on(EtcdSource::connect(&with(Some("root"), "wrong"))).err().unwrap();
+    assert!(matches!(err, LeaseError::Store(_)), "{err:?}");
+    let err = rt.block_on(async { EtcdSource::connect(&with(None, "")).await.unwrap().network_config().await });
+    assert!(matches!(err, Err(LeaseError::Store(_))), "{err:?}");
+}

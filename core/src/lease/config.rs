@@ -407,6 +407,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_net_conf_parses() {
+        let c =
+            NetworkConfig::parse(include_bytes!("../../../conf-examples/net-conf.json")).unwrap();
+        assert_eq!(c.network_v4().unwrap().to_string(), "10.244.0.0/16");
+        assert!(c.enable_nftables);
+        assert_eq!(c.backend.kind, "vxlan");
+    }
+
+    #[test]
     fn pool_holds_only_its_own_subnets() {
         let p = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap().v4.unwrap();
         assert!(p.holds("10.244.7.0/24".parse().unwrap()));

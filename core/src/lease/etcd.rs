@@ -75,7 +75,9 @@ impl EtcdSource {
             connect = connect.with_tls(tls);
         }
         if let Some(user) = &opts.username {
-            connect = connect.with_user(user, opts.password.clone().unwrap_or_default());
+            connect = connect
+                .with_user(user, opts.password.clone().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
         let endpoints = opts.endpoints.clone();
         if endpoints.is_empty() {
@@ -430,6 +432,8 @@ impl LeaseSource for EtcdSource {
                     self.watch.stream = None;
                     if resp.compact_revision() > 0 {
                         self.watch.revision = None;
+                    } else {
+                        self.back_off().await;
                     }
                     continue;
                 }

@@ -13,6 +13,8 @@ mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod gojson;
+#[cfg(feature = "kube")]
+pub mod kube;
 mod record;
 mod static_source;
 mod subnet_env;
