@@ -46,6 +46,8 @@ struct Node<'a, S> {
     renew_at: Instant,
     /// Other nodes' leases; deletions are matched against these.
     peers: BTreeMap<SubnetKey, Lease>,
+    /// While our lease is gone from the store: when to try again, and the backoff.
+    lost: Option<(Instant, Duration)>,
 }
 
 /// Run until SIGTERM or SIGINT. Errors only for what an operator must fix.
@@ -69,8 +71,9 @@ pub async fn run<S: LeaseSource>(
                 info!("{name}: shutting down; the lease stays for the next start");
                 break;
             }
-            _ = tokio::time::sleep_until(node.renew_at.into()) => node.renew().await,
-            update = node.source.next_peers() => node.peers_changed(update?).await?,
+            _ = tokio::time::sleep_until(node.renew_at.into()), if node.lost.is_none() => node.renew().await,
+            _ = tokio::time::sleep_until(node.retry_at().into()), if node.lost.is_some() => node.reacquire().await?,
+            update = node.source.next_peers() => node.peers_changed(update?).await,
             _ = rules_tick.tick() => node.check_rules().await,
         }
     }
@@ -122,7 +125,7 @@ async fn start<S: LeaseSource>(
         previous_v6: previous.subnet_v6,
     };
     let lease = acquire(&mut source, &config, &request, &status).await?;
-    let node = Node {
+    let mut node = Node {
         source,
         settings,
         status,
@@ -131,6 +134,7 @@ async fn start<S: LeaseSource>(
         request,
         lease,
         peers: BTreeMap::new(),
+        lost: None,
     };
     node.apply_rules()
         .await
@@ -138,6 +142,9 @@ async fn start<S: LeaseSource>(
     node.write_subnet_file()?;
     node.status.ready.store(true, Ordering::Relaxed);
     info!(subnet = %node.lease.key, file = %settings.subnet_file.display(), "ready");
+    if let Err(e) = node.source.mark_ready().await {
+        warn!(error = %e, "could not mark the node's network available");
+    }
     Ok(node)
 }
 
@@ -212,11 +219,7 @@ async fn acquire<S: LeaseSource>(
     loop {
         match source.acquire(config, req).await {
             Ok(lease) => {
-                status.lease_acquisitions.fetch_add(1, Ordering::Relaxed);
-                status.lease_held.store(true, Ordering::Relaxed);
-                *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) = lease.key.to_string();
-                set_expiry(status, &lease);
-                info!(subnet = %lease.key, etcd_lease = lease.etcd_lease, "leased");
+                leased(status, &lease);
                 return Ok(lease);
             }
             Err(e @ LeaseError::Config(_)) => bail!(e),
@@ -228,6 +231,22 @@ async fn acquire<S: LeaseSource>(
             }
         }
     }
+}
+
+/// Count and report a lease just acquired.
+fn leased(status: &Status, lease: &Lease) {
+    status.lease_acquisitions.fetch_add(1, Ordering::Relaxed);
+    status.lease_held.store(true, Ordering::Relaxed);
+    *status.subnet.lock().unwrap_or_else(|e| e.into_inner()) = cidrs(&lease.key);
+    set_expiry(status, lease);
+    info!(subnet = %lease.key, etcd_lease = lease.etcd_lease, "leased");
+}
+
+/// `10.244.7.0/24` or `10.244.7.0/24,fd44:0:0:7::/64`, for metrics labels.
+fn cidrs(key: &SubnetKey) -> String {
+    let v4 = key.v4.map(|n| n.to_string());
+    let v6 = key.v6.map(|n| n.to_string());
+    v4.into_iter().chain(v6).collect::<Vec<_>>().join(",")
 }
 
 fn set_expiry(status: &Status, lease: &Lease) {
@@ -264,7 +283,7 @@ impl<S: LeaseSource> Node<'_, S> {
         }
     }
 
-    async fn peers_changed(&mut self, update: PeerUpdate) -> anyhow::Result<()> {
+    async fn peers_changed(&mut self, update: PeerUpdate) {
         let started = Instant::now();
         let own_gone = match update {
             PeerUpdate::Snapshot(leases) => {
@@ -306,28 +325,55 @@ impl<S: LeaseSource> Node<'_, S> {
         self.status
             .peers
             .store(self.peers.len() as u64, Ordering::Relaxed);
-        if own_gone {
-            self.reacquire().await?;
+        if own_gone && self.lost.is_none() {
+            warn!(subnet = %self.lease.key, "our lease was deleted from the store; leasing again");
+            self.status.lease_held.store(false, Ordering::Relaxed);
+            self.request.previous_v4 = self.lease.key.v4;
+            self.request.previous_v6 = self.lease.key.v6;
+            self.lost = Some((Instant::now(), Duration::from_millis(200)));
         }
         self.status
             .observe_reconcile(started.elapsed().as_secs_f64());
-        Ok(())
     }
 
-    /// Our lease was deleted behind our back (flanneld exits here). Take the same
-    /// subnet again if it is free, else a new one, and tell the plugins.
+    fn retry_at(&self) -> Instant {
+        self.lost.map_or_else(Instant::now, |(at, _)| at)
+    }
+
+    /// Our lease was deleted behind our back (flanneld exits here). Put it back
+    /// (same subnet, same etcd lease), else lease anew, and tell the plugins. One
+    /// attempt per call: the main loop retries with backoff and keeps answering
+    /// signals meanwhile.
     async fn reacquire(&mut self) -> anyhow::Result<()> {
-        warn!(subnet = %self.lease.key, "our lease was deleted from the store; leasing again");
-        self.status.lease_held.store(false, Ordering::Relaxed);
-        self.request.previous_v4 = self.lease.key.v4;
-        self.request.previous_v6 = self.lease.key.v6;
-        let lease = acquire(&mut self.source, &self.config, &self.request, &self.status).await?;
+        let attempt = match self.source.restore(&self.lease).await {
+            Ok(Some(lease)) => Ok(lease),
+            Ok(None) => self.source.acquire(&self.config, &self.request).await,
+            Err(e) => Err(e),
+        };
+        let lease = match attempt {
+            Ok(lease) => lease,
+            Err(e @ LeaseError::Config(_)) => bail!(e),
+            Err(e) => {
+                self.status.lease_errors.fetch_add(1, Ordering::Relaxed);
+                let wait = self.lost.map_or(Duration::from_millis(200), |(_, w)| {
+                    (w * 2).min(Duration::from_secs(10))
+                });
+                warn!(error = %e, retry_in = ?wait, "could not lease a subnet again");
+                self.lost = Some((Instant::now() + wait, wait));
+                return Ok(());
+            }
+        };
+        self.lost = None;
+        leased(&self.status, &lease);
         if lease.key != self.lease.key {
             warn!(old = %self.lease.key, new = %lease.key, "the old subnet was taken meanwhile; pods must be restarted to use the new one");
         }
         self.renew_at = renew_at(&lease, self.settings.renew_margin);
         self.lease = lease;
-        self.apply_rules().await?;
+        if let Err(e) = self.apply_rules().await {
+            // The rules check retries every resync period.
+            error!(error = %e, "installing the rules for the new lease failed");
+        }
         self.write_subnet_file()
     }
 }

@@ -95,6 +95,9 @@ pub struct Flags {
         default_value = "flannel.alpha.coreos.com"
     )]
     pub kube_annotation_prefix: String,
+    /// Clear the node's NetworkUnavailable condition once ready (kube mode).
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = go_bool)]
+    pub set_node_network_unavailable: bool,
     /// Network config file (kube and --pod-cidr modes).
     #[arg(
         long,

@@ -121,6 +121,7 @@ fn kube_options(flags: &Flags) -> KubeOptions {
         annotation_prefix: flags.kube_annotation_prefix.clone(),
         node_name: env("NODE_NAME"),
         pod: env("POD_NAMESPACE").zip(env("POD_NAME")),
+        set_network_unavailable: flags.set_node_network_unavailable,
     }
 }
 

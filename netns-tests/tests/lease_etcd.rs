@@ -87,7 +87,7 @@ fn lease_key_and_value_are_flanneld_bytes() {
     // A 24 h etcd lease holds exactly this key.
     let (ttl, keys) = etcd.lease_ttl(lease.etcd_lease);
     assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
-    assert_eq!(keys, [key.clone()]);
+    assert_eq!(keys, std::slice::from_ref(key));
     // Inside the pool: not the first subnet, a /24 of the network.
     let config = NetworkConfig::parse(CONFIG.as_bytes()).unwrap();
     assert!(config.v4.unwrap().holds(ipnet::IpNet::V4(subnet)));
@@ -565,9 +565,15 @@ fn user_and_password_auth() {
     }
     let etcd = started(CONFIG);
     for (path, body) in [
-        ("/v3/auth/user/add", serde_json::json!({"name": "root", "password": "s3cret"})),
+        (
+            "/v3/auth/user/add",
+            serde_json::json!({"name": "root", "password": "s3cret"}),
+        ),
         ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
-        ("/v3/auth/user/grant", serde_json::json!({"user": "root", "role": "root"})),
+        (
+            "/v3/auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
         ("/v3/auth/enable", serde_json::json!({})),
     ] {
         etcd.call(path, &body);
@@ -579,17 +585,57 @@ fn user_and_password_auth() {
         ..connect_opts(&etcd)
     };
     let lease = rt.block_on(async {
-        let mut src = EtcdSource::connect(&with(Some("root"), "s3cret")).await.unwrap();
+        let mut src = EtcdSource::connect(&with(Some("root"), "s3cret"))
+            .await
+            .unwrap();
         let config = src.network_config().await.unwrap();
         let lease = src.acquire(&config, &request(1)).await.unwrap();
         let (leases, _) = src.list().await.unwrap();
-        assert_eq!(leases.iter().map(|l| l.key).collect::<Vec<_>>(), [lease.key]);
+        assert_eq!(
+            leases.iter().map(|l| l.key).collect::<Vec<_>>(),
+            [lease.key]
+        );
         lease
     });
     assert!(lease.key.v4.is_some());
     // A wrong password fails when connecting; no credentials fail on first use.
-    let err = rt.block_on(EtcdSource::connect(&with(Some("root"), "wrong"))).err().unwrap();
+    let err = rt
+        .block_on(EtcdSource::connect(&with(Some("root"), "wrong")))
+        .err()
+        .unwrap();
     assert!(matches!(err, LeaseError::Store(_)), "{err:?}");
-    let err = rt.block_on(async { EtcdSource::connect(&with(None, "")).await.unwrap().network_config().await });
+    let err = rt.block_on(async {
+        EtcdSource::connect(&with(None, ""))
+            .await
+            .unwrap()
+            .network_config()
+            .await
+    });
     assert!(matches!(err, Err(LeaseError::Store(_))), "{err:?}");
+}
+
+#[test]
+fn a_deleted_key_is_restored_under_its_own_etcd_lease() {
+    if !netns_tests::require_root() {
+        return;
+    }
+    let etcd = started(CONFIG);
+    rt().block_on(async {
+        let mut src = source(&etcd).await;
+        let config = src.network_config().await.unwrap();
+        let lease = src.acquire(&config, &request(1)).await.unwrap();
+        let path = format!("{PREFIX}/subnets/{}", lease.key);
+        // Deleting a key leaves its etcd lease alive: restoring reuses it.
+        etcd.delete(&path);
+        let back = src.restore(&lease).await.unwrap().unwrap();
+        assert_eq!((back.key, back.etcd_lease), (lease.key, lease.etcd_lease));
+        assert_eq!(etcd.lease_list(), [lease.etcd_lease]);
+        assert!(etcd.get(&path).unwrap().contains("10.77.0.1"));
+        // Taken by another node meanwhile: None, and our etcd lease is revoked.
+        etcd.delete(&path);
+        etcd.put(&path, r#"{"PublicIP":"10.77.0.5","PublicIPv6":null}"#);
+        assert_eq!(src.restore(&lease).await.unwrap(), None);
+        assert!(etcd.lease_list().is_empty());
+        assert!(etcd.get(&path).unwrap().contains("10.77.0.5"));
+    });
 }

@@ -129,17 +129,24 @@ impl EtcdSource {
         Ok((leases, revision))
     }
 
-    /// Create `key` if nobody holds it: flanneld's `Version(key) == 0` txn with a
-    /// fresh 24 h lease. Ok(None) when the key exists (a lost race).
+    /// Create `key` if nobody holds it: flanneld's `Version(key) == 0` txn, under
+    /// `reuse` (an etcd lease of ours still alive) or a fresh 24 h lease. Ok(None)
+    /// when the key exists (a lost race); a fresh lease is then revoked.
     async fn create(
         &mut self,
         key: SubnetKey,
         attrs: &LeaseAttrs,
+        reuse: Option<(i64, Duration)>,
     ) -> Result<Option<Lease>, LeaseError> {
-        let grant = deadline(self.client.lease_grant(SUBNET_TTL.as_secs() as i64, None))
-            .await
-            .map_err(|e| store("granting an etcd lease", e))?;
-        let (id, ttl) = (grant.id(), grant.ttl());
+        let (id, ttl) = match reuse {
+            Some(alive) => alive,
+            None => {
+                let grant = deadline(self.client.lease_grant(SUBNET_TTL.as_secs() as i64, None))
+                    .await
+                    .map_err(|e| store("granting an etcd lease", e))?;
+                (grant.id(), Duration::from_secs(grant.ttl().max(0) as u64))
+            }
+        };
         let path = self.lease_key(&key);
         let txn = Txn::new()
             .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
@@ -151,19 +158,23 @@ impl EtcdSource {
         let won = match deadline(self.client.txn(txn)).await {
             Ok(resp) => resp.succeeded(),
             Err(e) => {
-                self.revoke(id).await;
+                if reuse.is_none() {
+                    self.revoke(id).await;
+                }
                 return Err(store("creating the lease", e));
             }
         };
         if !won {
-            self.revoke(id).await;
+            if reuse.is_none() {
+                self.revoke(id).await;
+            }
             return Ok(None);
         }
         Ok(Some(Lease {
             key,
             attrs: attrs.clone(),
             etcd_lease: id,
-            ttl: Some(Duration::from_secs(ttl.max(0) as u64)),
+            ttl: Some(ttl),
         }))
     }
 
@@ -281,7 +292,7 @@ impl EtcdSource {
             Some(key) => key,
             None => self.choose(config, &taken)?,
         };
-        self.create(key, &req.attrs).await
+        self.create(key, &req.attrs, None).await
     }
 
     /// A random free subnet per enabled family.
@@ -390,12 +401,31 @@ impl LeaseSource for EtcdSource {
                 ..lease.clone()
             });
         }
-        self.create(lease.key, &lease.attrs).await?.ok_or_else(|| {
-            LeaseError::Store(format!(
-                "our lease {} expired and another node now holds it",
-                lease.key
-            ))
-        })
+        self.create(lease.key, &lease.attrs, None)
+            .await?
+            .ok_or_else(|| {
+                LeaseError::Store(format!(
+                    "our lease {} expired and another node now holds it",
+                    lease.key
+                ))
+            })
+    }
+
+    /// Put our deleted key back, under its etcd lease when that is still alive (a
+    /// deleted key does not revoke its lease). If another node took the subnet
+    /// meanwhile, our old etcd lease is revoked so nothing leaks.
+    async fn restore(&mut self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
+        let alive = match lease.etcd_lease {
+            0 => None,
+            id => self.keep_alive(id).await?.map(|ttl| (id, ttl)),
+        };
+        let restored = self.create(lease.key, &lease.attrs, alive).await?;
+        if restored.is_none()
+            && let Some((id, _)) = alive
+        {
+            self.revoke(id).await;
+        }
+        Ok(restored)
     }
 
     async fn next_peers(&mut self) -> Result<PeerUpdate, LeaseError> {

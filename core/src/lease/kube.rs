@@ -35,6 +35,9 @@ pub struct KubeOptions {
     /// `NODE_NAME`; else the node of pod `POD_NAMESPACE/POD_NAME`.
     pub node_name: Option<String>,
     pub pod: Option<(String, String)>,
+    /// flanneld's `--set-node-network-unavailable` (default true): clear the
+    /// node's NetworkUnavailable condition once ready.
+    pub set_network_unavailable: bool,
 }
 
 /// Leases from the node objects of a Kubernetes cluster.
@@ -44,6 +47,7 @@ pub struct KubeSource {
     prefix: String,
     config: NetworkConfig,
     peers: Option<mpsc::Receiver<PeerUpdate>>,
+    set_network_unavailable: bool,
 }
 
 impl KubeSource {
@@ -90,6 +94,7 @@ impl KubeSource {
             prefix,
             config,
             peers: None,
+            set_network_unavailable: opts.set_network_unavailable,
         })
     }
 
@@ -166,6 +171,41 @@ impl LeaseSource for KubeSource {
             etcd_lease: 0,
             ttl: None,
         })
+    }
+
+    /// flanneld's `CompleteLease`: condition NetworkUnavailable=False, reason
+    /// FlannelIsUp (kube-weft.yml keeps flannel's reason so tooling that looks for
+    /// it still works). A strategic merge patch, which merges conditions by type; a
+    /// JSON merge patch would replace the whole list.
+    async fn mark_ready(&mut self) -> Result<(), LeaseError> {
+        if !self.set_network_unavailable {
+            return Ok(());
+        }
+        let now = httpdate_utc();
+        let patch = json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "weftd is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}});
+        let path = format!("/api/v1/nodes/{}/status", self.node);
+        let api = self.api.clone();
+        blocking(move || api.patch_as(&path, &patch, "application/strategic-merge-patch+json"))
+            .await?;
+        Ok(())
+    }
+
+    /// Our node lost its annotations (or was re-created): publish them again.
+    async fn restore(&mut self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
+        let req = AcquireRequest {
+            attrs: lease.attrs.clone(),
+            previous_v4: None,
+            previous_v6: None,
+        };
+        let config = self.config.clone();
+        self.acquire(&config, &req).await.map(Some)
     }
 
     /// Node objects do not expire.
@@ -449,6 +489,10 @@ impl Api {
     }
 
     fn patch(&self, path: &str, body: &Value) -> Result<Value, LeaseError> {
+        self.patch_as(path, body, "application/merge-patch+json")
+    }
+
+    fn patch_as(&self, path: &str, body: &Value, content_type: &str) -> Result<Value, LeaseError> {
         let mut req = self
             .agent
             .patch(format!("{}{path}", self.base))
@@ -458,11 +502,7 @@ impl Api {
         if let Some(a) = self.auth()? {
             req = req.header("Authorization", a);
         }
-        answer(
-            path,
-            req.content_type("application/merge-patch+json")
-                .send(body.to_string()),
-        )
+        answer(path, req.content_type(content_type).send(body.to_string()))
     }
 
     /// A long GET read line by line (a watch). The server closes it after its
@@ -654,6 +694,11 @@ fn kubeconfig(path: &Path) -> Result<Credentials, LeaseError> {
         token,
         client,
     })
+}
+
+/// Now as RFC 3339 UTC seconds (`2026-11-22T23:10:00Z`), what the API expects.
+fn httpdate_utc() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, LeaseError> {

@@ -87,6 +87,17 @@ pub trait LeaseSource {
     ) -> Result<Lease, LeaseError>;
     /// Extend `lease`; returns it with the new expiry.
     async fn renew(&mut self, lease: &Lease) -> Result<Lease, LeaseError>;
+    /// Put our lease back after it was deleted behind our back, same subnet;
+    /// Ok(None) when another node holds that subnet now (then lease anew).
+    async fn restore(&mut self, lease: &Lease) -> Result<Option<Lease>, LeaseError> {
+        Ok(Some(lease.clone()))
+    }
+    /// Tell the store the node is up (after subnet.env is written). Only the
+    /// Kubernetes source has something to say: the node's NetworkUnavailable
+    /// condition.
+    async fn mark_ready(&mut self) -> Result<(), LeaseError> {
+        Ok(())
+    }
     /// Wait for the next change of the lease set. Reconnects internally; errors
     /// only for what retrying cannot fix.
     async fn next_peers(&mut self) -> Result<PeerUpdate, LeaseError>;

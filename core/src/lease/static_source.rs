@@ -8,6 +8,8 @@ pub struct StaticSource {
     config: NetworkConfig,
     v4: Option<Ipv4Net>,
     v6: Option<Ipv6Net>,
+    /// What [`LeaseSource::acquire`] handed out: the whole lease set.
+    leased: Option<Lease>,
     listed: bool,
 }
 
@@ -64,6 +66,7 @@ impl StaticSource {
             config,
             v4,
             v6,
+            leased: None,
             listed: false,
         })
     }
@@ -91,17 +94,19 @@ impl LeaseSource for StaticSource {
         _: &NetworkConfig,
         req: &AcquireRequest,
     ) -> Result<Lease, LeaseError> {
-        Ok(self.lease(req))
+        let lease = self.lease(req);
+        self.leased = Some(lease.clone());
+        Ok(lease)
     }
 
     async fn renew(&mut self, lease: &Lease) -> Result<Lease, LeaseError> {
         Ok(lease.clone())
     }
 
-    /// An empty peer set once, then nothing ever changes.
+    /// Our own lease and no peers, once; then nothing ever changes.
     async fn next_peers(&mut self) -> Result<PeerUpdate, LeaseError> {
         if !std::mem::replace(&mut self.listed, true) {
-            return Ok(PeerUpdate::Snapshot(Vec::new()));
+            return Ok(PeerUpdate::Snapshot(self.leased.iter().cloned().collect()));
         }
         std::future::pending().await
     }
