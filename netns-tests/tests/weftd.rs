@@ -23,6 +23,7 @@ const HEALTHZ_PORT: u16 = 8081;
 const CONFIG_KEY: &str = "/coreos.com/network/config";
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 /// How long weftd may take to become ready (etcd is local; this is slack only).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a process may take to exit on its own or after SIGTERM.
@@ -138,6 +139,13 @@ impl Node {
 
     fn subnet_env(&self) -> Option<String> {
         std::fs::read_to_string(self.subnet_file()).ok()
+    }
+
+    /// Write `json` as this node's net-conf.json; its path, for --net-config-path.
+    fn net_conf(&self, json: &str) -> String {
+        let path = self.dir.join("net-conf.json");
+        std::fs::write(&path, json).expect("writing net-conf.json");
+        path.display().to_string()
     }
 
     /// The arguments every test starts weftd with, then `extra`.
@@ -828,13 +836,7 @@ fn pod_cidr_mode_needs_no_store() {
     // No etcd at all: the endpoint leads nowhere.
     let c = Cluster::build(1, None);
     let node = c.node(1);
-    let conf = node.dir.join("net-conf.json");
-    std::fs::write(
-        &conf,
-        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
-    )
-    .unwrap();
-    let conf = conf.display().to_string();
+    let conf = node.net_conf(HOST_GW_CONFIG);
     let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
     node.wait_ready(&mut weftd);
     assert_eq!(
@@ -863,9 +865,7 @@ fn pod_cidr_mode_leases_once() {
     }
     let c = Cluster::build(1, None);
     let node = c.node(1);
-    let conf = node.dir.join("net-conf.json");
-    std::fs::write(&conf, VXLAN_CONFIG).unwrap();
-    let conf = conf.display().to_string();
+    let conf = node.net_conf(VXLAN_CONFIG);
     let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
     node.wait_ready(&mut weftd);
     // The snapshot is handled, with whatever follows from it, before the counter
@@ -896,9 +896,7 @@ fn lease_info_metric_labels_the_subnet_in_cidr_notation() {
     }
     let c = Cluster::build(1, None);
     let node = c.node(1);
-    let conf = node.dir.join("net-conf.json");
-    std::fs::write(&conf, VXLAN_CONFIG).unwrap();
-    let conf = conf.display().to_string();
+    let conf = node.net_conf(VXLAN_CONFIG);
     let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
     node.wait_ready(&mut weftd);
     let m = node.metrics();
@@ -976,8 +974,7 @@ fn bad_input_fails_with_a_clear_message() {
         "--subnet-lease-renew-margin",
     );
     assert!(log.contains("error: invalid value '0'"), "{log}");
-    // This build has the Kubernetes subnet manager (earlier ones refused the flag
-    // as "not in this weft build"); like flanneld it reads net-conf.json first.
+    // The Kubernetes subnet manager reads net-conf.json first, like flanneld.
     let absent = node.dir.join("absent-net-conf.json").display().to_string();
     fails(
         "--kube-subnet-mgr without net-conf.json",
@@ -985,9 +982,7 @@ fn bad_input_fails_with_a_clear_message() {
         &[],
         &format!("reading the network config {absent}: No such file or directory"),
     );
-    let conf = node.dir.join("net-conf.json");
-    std::fs::write(&conf, VXLAN_CONFIG).unwrap();
-    let conf = conf.display().to_string();
+    let conf = node.net_conf(VXLAN_CONFIG);
     fails(
         "--pod-cidr outside the network",
         quiet(&["--pod-cidr", "10.99.0.0/24", "--net-config-path", &conf]),
@@ -1124,4 +1119,71 @@ fn etcd_tls_with_client_certificates() {
     });
     eprintln!("CA only ({:?}):\n{}", anon.exit_status(), anon.log());
     assert_ne!(node.http("/readyz").0, 200);
+}
+
+#[test]
+fn the_external_interface_is_chosen_like_flanneld() {
+    if !require_root() {
+        return;
+    }
+    // A second interface, ext1 (192.0.2.5/24, MTU 1400), next to eth0 (MTU 1500):
+    // host-gw's FLANNEL_MTU is the chosen interface's MTU, so it tells which won.
+    let c = Cluster::build(1, None);
+    let node = c.node(1);
+    for cmd in [
+        "ip link add ext1 mtu 1400 type veth peer name ext1p",
+        "ip addr add 192.0.2.5/24 dev ext1 nodad",
+        "ip link set ext1 up",
+        "ip link set ext1p up",
+    ] {
+        node.ns.exec_ok(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    let conf = node.net_conf(HOST_GW_CONFIG);
+    let mtu_with = |iface_args: &[&str]| {
+        let mut args = node.args(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
+        // Drop the usual `--iface eth0`.
+        let i = args.iter().position(|a| a == "--iface").unwrap();
+        args.drain(i..i + 2);
+        args.extend(iface_args.iter().map(|s| s.to_string()));
+        let mut weftd = Weftd::spawn(node, &args, &[]);
+        node.wait_ready(&mut weftd);
+        let env = node.subnet_env().unwrap();
+        assert_eq!(weftd.terminate().code(), Some(0));
+        let mtu = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+            .unwrap()
+            .to_owned();
+        (mtu, weftd.log())
+    };
+    // By name and by address; the first --iface that exists wins.
+    assert_eq!(mtu_with(&["--iface", "ext1"]).0, "1400");
+    assert_eq!(
+        mtu_with(&["--iface", "nosuch", "--iface", "192.0.2.5"]).0,
+        "1400"
+    );
+    // --iface-regex: addresses first, then names.
+    assert_eq!(mtu_with(&["--iface-regex", r"^192\.0\.2\."]).0, "1400");
+    assert_eq!(mtu_with(&["--iface-regex", "^eth"]).0, "1500");
+    // --iface-can-reach: the interface of the route to that address.
+    assert_eq!(mtu_with(&["--iface-can-reach", "192.0.2.77"]).0, "1400");
+    assert_eq!(mtu_with(&["--iface-can-reach", "10.77.0.50"]).0, "1500");
+    // Nothing given: the default route's interface, and the log says which.
+    node.ns.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.0.2.1",
+        "dev",
+        "ext1",
+    ]);
+    let (mtu, log) = mtu_with(&[]);
+    assert_eq!(mtu, "1400");
+    assert!(log.contains("iface=ext1"), "{log}");
+    // JSON logs on request.
+    let (_, log) = mtu_with(&["--log-format", "json"]);
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(first["fields"]["iface"], "ext1", "{log}");
 }
