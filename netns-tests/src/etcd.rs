@@ -16,6 +16,7 @@
 //! Every member dies with the thread that started it (`PR_SET_PDEATHSIG`), so a test
 //! process killed without unwinding does not leave etcd servers behind.
 
+use crate::certs::Certs;
 use crate::{TempDir, TestNetns, base64};
 use serde_json::{Value, json};
 use std::fs::OpenOptions;
@@ -101,17 +102,8 @@ struct Member {
     child: Option<Child>,
 }
 
-/// Certificates made with the `openssl` CLI; see [`EtcdCluster::ca_path`].
-#[derive(Debug)]
-struct Tls {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    rogue_cert: PathBuf,
-    rogue_key: PathBuf,
-}
+/// Certificates made with the `openssl` CLI ([`Certs`]); see [`EtcdCluster::ca_path`].
+type Tls = Certs;
 
 /// Why a start attempt failed, and whether trying again with other ports may help.
 struct StartError {
@@ -166,7 +158,9 @@ impl EtcdCluster {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
-        let tls = opts.tls.then(|| Tls::generate(&dir, &ip.to_string()));
+        let tls = opts
+            .tls
+            .then(|| Certs::generate(&dir.join("tls"), &ip.to_string(), "etcd"));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let ports = match opts.netns {
             // The namespace is ours alone: fixed, predictable ports.
@@ -761,129 +755,6 @@ impl Drop for EtcdCluster {
         }
         // Then `dir` goes, with the data dirs and logs.
     }
-}
-
-impl Tls {
-    /// A CA, a server certificate for `ip` and 127.0.0.1, a client certificate, and
-    /// a rogue CA with its own client certificate; EC P-256 keys (fast to make).
-    fn generate(dir: &TempDir, ip: &str) -> Tls {
-        let tls_dir = dir.join("tls");
-        std::fs::create_dir_all(&tls_dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", tls_dir.display()));
-        let p = |name: &str| tls_dir.join(name);
-        // Extensions spelled out: Go's x509 is stricter than openssl's defaults.
-        // The server certificate is a client certificate too: etcd 3.4's gateway
-        // dials the gRPC server presenting it.
-        let conf = format!(
-            "[req]\ndistinguished_name = dn\n[dn]\n\
-             [ca]\nbasicConstraints = critical,CA:TRUE\n\
-             keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n\
-             [server]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
-             extendedKeyUsage = serverAuth,clientAuth\n\
-             subjectAltName = IP:{ip},IP:127.0.0.1\n\
-             [client]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
-             extendedKeyUsage = clientAuth\n"
-        );
-        let conf_path = p("openssl.cnf");
-        std::fs::write(&conf_path, conf)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", conf_path.display()));
-        let ca = |name: &str, cn: &str| {
-            openssl(&[
-                "req",
-                "-x509",
-                "-new",
-                "-config",
-                &s(&conf_path),
-                "-extensions",
-                "ca",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &s(&p(&format!("{name}.key"))),
-                "-out",
-                &s(&p(&format!("{name}.crt"))),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={cn}"),
-            ]);
-        };
-        let leaf = |name: &str, cn: &str, ca: &str, ext: &str, serial: &str| {
-            let csr = p(&format!("{name}.csr"));
-            openssl(&[
-                "req",
-                "-new",
-                "-config",
-                &s(&conf_path),
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &s(&p(&format!("{name}.key"))),
-                "-out",
-                &s(&csr),
-                "-subj",
-                &format!("/CN={cn}"),
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &s(&csr),
-                "-CA",
-                &s(&p(&format!("{ca}.crt"))),
-                "-CAkey",
-                &s(&p(&format!("{ca}.key"))),
-                "-set_serial",
-                serial,
-                "-days",
-                "2",
-                "-extfile",
-                &s(&conf_path),
-                "-extensions",
-                ext,
-                "-out",
-                &s(&p(&format!("{name}.crt"))),
-            ]);
-        };
-        ca("ca", "weft-test-ca");
-        leaf("server", "etcd", "ca", "server", "2");
-        leaf("client", "weft-test", "ca", "client", "3");
-        ca("rogue-ca", "weft-rogue-ca");
-        leaf("rogue-client", "weft-test", "rogue-ca", "client", "4");
-        Tls {
-            ca: p("ca.crt"),
-            server_cert: p("server.crt"),
-            server_key: p("server.key"),
-            client_cert: p("client.crt"),
-            client_key: p("client.key"),
-            rogue_cert: p("rogue-client.crt"),
-            rogue_key: p("rogue-client.key"),
-        }
-    }
-}
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawning openssl: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// `n` (client, peer) port pairs free on `ip` right now. All listeners are held

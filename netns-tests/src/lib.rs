@@ -8,13 +8,18 @@
 //! - [`fake::FakePlugin`]: shell-script plugins that record their calls.
 //! - [`etcd::EtcdCluster`]: real etcd servers (1 or 3 members, TLS, in a netns),
 //!   inspected through etcd's v3 JSON gateway with curl.
+//! - [`kube_api::FakeApiServer`]: a fake Kubernetes API (Python, HTTPS) serving
+//!   recorded Node objects, for the kube lease source; not a real API server.
+//! - [`certs::Certs`]: a CA, server and client certificates (openssl CLI).
 //!
 //! Tests that need root start with `if !netns_tests::require_root() { return; }`.
 
 pub mod base64;
+pub mod certs;
 pub mod driver;
 pub mod etcd;
 pub mod fake;
+pub mod kube_api;
 mod netns;
 mod runner;
 mod tempdir;

@@ -11,6 +11,7 @@ use super::{
 };
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,20 +71,18 @@ impl KubeSource {
             (_, Some((ns, pod))) => {
                 let path = format!("/api/v1/namespaces/{ns}/pods/{pod}");
                 let api = api.clone();
-                let pod = blocking(move || api.get(&path)).await?;
-                pod.pointer("/spec/nodeName")
+                let object = blocking(move || api.get(&path)).await?;
+                object
+                    .pointer("/spec/nodeName")
                     .and_then(Value::as_str)
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned)
                     .ok_or_else(|| {
-                        LeaseError::Store(format!(
-                            "pod {ns}/{} has no spec.nodeName yet",
-                            pod["metadata"]["name"]
-                        ))
+                        LeaseError::Store(format!("pod {ns}/{pod} has no spec.nodeName yet"))
                     })?
             }
             _ => {
-                return Err(LeaseError::Config(
+                return Err(LeaseError::Access(
                     "the node name is unknown: set NODE_NAME (the DaemonSet passes it from spec.nodeName), or POD_NAME and POD_NAMESPACE".into(),
                 ));
             }
@@ -140,6 +139,12 @@ impl LeaseSource for KubeSource {
                 self.node
             ))
         })?;
+        // A dual-stack node in a single-stack network: only the enabled family
+        // (flanneld ignores the other PodCIDR too).
+        let key = SubnetKey {
+            v4: key.v4.filter(|_| config.v4.is_some()),
+            v6: key.v6.filter(|_| config.v6.is_some()),
+        };
         check_inside(config, &key)?;
         let mut attrs = req.attrs.clone();
         let current = node
@@ -233,34 +238,39 @@ impl LeaseSource for KubeSource {
 /// when the server ends a watch, back off on errors. Runs until the receiver goes.
 fn watch_nodes(api: &Api, prefix: &str, tx: &mpsc::Sender<PeerUpdate>) {
     let mut backoff = Duration::from_millis(100);
-    loop {
+    let wait = |backoff: &mut Duration| {
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    };
+    while !tx.is_closed() {
         let list = match api.get("/api/v1/nodes") {
             Ok(list) => list,
             Err(_) => {
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait(&mut backoff);
                 continue;
             }
         };
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        let leases = items.iter().filter_map(|n| node_lease(n, prefix)).collect();
+        let mut watch = NodeWatch {
+            prefix,
+            known: BTreeMap::new(),
+            version: list
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+        };
+        for node in list["items"].as_array().into_iter().flatten() {
+            watch.changed(node);
+        }
+        let leases = watch.known.values().cloned().collect();
         if tx.blocking_send(PeerUpdate::Snapshot(leases)).is_err() {
             return;
         }
-        let mut version = list
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        loop {
-            match watch_once(api, prefix, &mut version, tx) {
+        while !tx.is_closed() {
+            match watch.once(api, tx) {
                 Ok(WatchEnd::Expired) => break,
                 Ok(WatchEnd::Closed) => backoff = Duration::from_millis(100),
-                Ok(WatchEnd::ReceiverGone) => return,
-                Err(_) => {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+                Err(_) => wait(&mut backoff),
             }
         }
     }
@@ -269,54 +279,73 @@ fn watch_nodes(api: &Api, prefix: &str, tx: &mpsc::Sender<PeerUpdate>) {
 enum WatchEnd {
     /// 410 Gone: our resourceVersion is too old; re-list.
     Expired,
-    /// The server ended the watch (its timeout); re-watch from where we are.
+    /// The server ended the watch (its timeout), or the receiver went away.
     Closed,
-    ReceiverGone,
 }
 
-fn watch_once(
-    api: &Api,
-    prefix: &str,
-    version: &mut String,
-    tx: &mpsc::Sender<PeerUpdate>,
-) -> Result<WatchEnd, LeaseError> {
-    let path = format!(
-        "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=290&resourceVersion={version}"
-    );
-    let reader = api.stream(&path)?;
-    for line in reader.lines() {
-        let line = line.map_err(|e| LeaseError::Store(format!("reading the node watch: {e}")))?;
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        let object = &event["object"];
-        if let Some(v) = object
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-        {
-            *version = v.to_owned();
-        }
-        let update = match event["type"].as_str() {
-            Some("ERROR") if object["code"] == 410 => return Ok(WatchEnd::Expired),
-            Some("ADDED" | "MODIFIED") => match node_lease(object, prefix) {
-                Some(lease) => PeerEvent::Added(Box::new(lease)),
-                // No longer annotated (or no podCIDR): gone as a peer.
-                None => match pod_cidrs(object) {
-                    Some(key) => PeerEvent::Removed(key),
-                    None => continue,
-                },
-            },
-            Some("DELETED") => match pod_cidrs(object) {
-                Some(key) => PeerEvent::Removed(key),
-                None => continue,
-            },
-            _ => continue,
-        };
-        if tx.blocking_send(PeerUpdate::Events(vec![update])).is_err() {
-            return Ok(WatchEnd::ReceiverGone);
+/// The peers as of `version`, by node name, so only real lease changes become
+/// events (kubelet updates its node every few seconds; flanneld filters those too).
+struct NodeWatch<'a> {
+    prefix: &'a str,
+    known: BTreeMap<String, Lease>,
+    version: String,
+}
+
+impl NodeWatch<'_> {
+    /// Fold in a node's new state; the event it means for the peer set, if any.
+    fn changed(&mut self, node: &Value) -> Option<PeerEvent> {
+        let name = node.pointer("/metadata/name")?.as_str()?.to_owned();
+        match node_lease(node, self.prefix) {
+            Some(lease) if self.known.get(&name) == Some(&lease) => None,
+            Some(lease) => {
+                self.known.insert(name, lease.clone());
+                Some(PeerEvent::Added(Box::new(lease)))
+            }
+            // Not (or no longer) annotated: a peer only if it was one.
+            None => self.removed(&name),
         }
     }
-    Ok(WatchEnd::Closed)
+
+    fn removed(&mut self, name: &str) -> Option<PeerEvent> {
+        self.known.remove(name).map(|l| PeerEvent::Removed(l.key))
+    }
+
+    fn once(&mut self, api: &Api, tx: &mpsc::Sender<PeerUpdate>) -> Result<WatchEnd, LeaseError> {
+        let path = format!(
+            "/api/v1/nodes?watch=1&allowWatchBookmarks=true&timeoutSeconds=290&resourceVersion={}",
+            self.version
+        );
+        let reader = api.stream(&path)?;
+        for line in reader.lines() {
+            let line =
+                line.map_err(|e| LeaseError::Store(format!("reading the node watch: {e}")))?;
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let object = &event["object"];
+            if let Some(v) = object
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                self.version = v.to_owned();
+            }
+            let update = match event["type"].as_str() {
+                Some("ERROR") if object["code"] == 410 => return Ok(WatchEnd::Expired),
+                Some("ADDED" | "MODIFIED") => self.changed(object),
+                Some("DELETED") => object
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .and_then(|name| self.removed(name)),
+                _ => None,
+            };
+            if let Some(ev) = update
+                && tx.blocking_send(PeerUpdate::Events(vec![ev])).is_err()
+            {
+                return Ok(WatchEnd::Closed);
+            }
+        }
+        Ok(WatchEnd::Closed)
+    }
 }
 
 /// A node's lease, when flanneld (or weft) manages it: annotated and with a PodCIDR.
@@ -330,7 +359,11 @@ fn node_lease(node: &Value, prefix: &str) -> Option<Lease> {
     Some(Lease {
         key: pod_cidrs(node)?,
         attrs: LeaseAttrs {
-            public_ip: get("public-ip")?.parse().ok()?,
+            // IPv6-only flanneld nodes write no public-ip.
+            public_ip: match get("public-ip") {
+                Some(ip) => ip.parse().ok()?,
+                None => std::net::Ipv4Addr::UNSPECIFIED,
+            },
             public_ipv6: get("public-ipv6").and_then(|s| s.parse().ok()),
             backend_type: get("backend-type").unwrap_or_default().to_owned(),
             backend_data: data("backend-data"),
@@ -362,6 +395,16 @@ fn pod_cidrs(node: &Value) -> Option<SubnetKey> {
 }
 
 fn check_inside(config: &NetworkConfig, key: &SubnetKey) -> Result<(), LeaseError> {
+    for (enabled, have, family) in [
+        (config.v4.is_some(), key.v4.is_some(), "IPv4"),
+        (config.v6.is_some(), key.v6.is_some(), "IPv6"),
+    ] {
+        if enabled && !have {
+            return Err(LeaseError::Config(format!(
+                "net-conf.json enables {family} but the node has no {family} podCIDR"
+            )));
+        }
+    }
     let outside = |sub: IpNet, net: Option<IpNet>| match net {
         Some(n) if n.contains(&sub) => Ok(()),
         Some(n) => Err(LeaseError::Config(format!(
@@ -424,7 +467,7 @@ impl Api {
         if let Some(url) = &opts.api_url {
             creds.server = url.clone();
         }
-        let config = |e: String| LeaseError::Config(e);
+        let config = |e: String| LeaseError::Access(e);
         let mut tls = ureq::tls::TlsConfig::builder().disable_verification(creds.insecure);
         if let Some(pem) = &creds.ca_pem {
             let certs = ureq::tls::parse_pem(pem)
@@ -468,7 +511,7 @@ impl Api {
             Some(Token::Literal(t)) => Some(format!("Bearer {t}")),
             Some(Token::File(p)) => {
                 let t = std::fs::read_to_string(p).map_err(|e| {
-                    LeaseError::Config(format!("reading the token {}: {e}", p.display()))
+                    LeaseError::Access(format!("reading the token {}: {e}", p.display()))
                 })?;
                 Some(format!("Bearer {}", t.trim()))
             }
@@ -571,7 +614,7 @@ fn in_cluster() -> Result<Credentials, LeaseError> {
     ) {
         (Ok(h), Ok(p)) if !h.is_empty() && !p.is_empty() => (h, p),
         _ => {
-            return Err(LeaseError::Config(
+            return Err(LeaseError::Access(
                 "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set, so weftd is not running in a pod: pass --kubeconfig-file (or --kube-api-url)".into(),
             ));
         }
@@ -585,7 +628,7 @@ fn in_cluster() -> Result<Credentials, LeaseError> {
         (&ca, "service-account CA certificate"),
     ] {
         if !file.is_file() {
-            return Err(LeaseError::Config(format!(
+            return Err(LeaseError::Access(format!(
                 "the {what} {} is missing: give the DaemonSet a service account with automountServiceAccountToken enabled (kube-weft.yml does), or run weftd with --kubeconfig-file",
                 file.display()
             )));
@@ -609,12 +652,12 @@ fn in_cluster() -> Result<Credentials, LeaseError> {
 fn kubeconfig(path: &Path) -> Result<Credentials, LeaseError> {
     let text = read(path, "kubeconfig")?;
     let doc: Value = serde_yaml_ng::from_slice(&text).map_err(|e| {
-        LeaseError::Config(format!(
+        LeaseError::Access(format!(
             "the kubeconfig {} is not valid YAML: {e}",
             path.display()
         ))
     })?;
-    let bad = |what: String| LeaseError::Config(format!("kubeconfig {}: {what}", path.display()));
+    let bad = |what: String| LeaseError::Access(format!("kubeconfig {}: {what}", path.display()));
     let named = |list: &str, name: &str, field: &str| -> Result<Value, LeaseError> {
         doc[list]
             .as_array()
@@ -703,7 +746,7 @@ fn httpdate_utc() -> String {
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, LeaseError> {
     std::fs::read(path)
-        .map_err(|e| LeaseError::Config(format!("reading the {what} {}: {e}", path.display())))
+        .map_err(|e| LeaseError::Access(format!("reading the {what} {}: {e}", path.display())))
 }
 
 /// Standard base64 (kubeconfig's `*-data` fields).

@@ -42,6 +42,10 @@ pub enum LeaseError {
     Contended(u32),
     #[error("{0}")]
     Store(String),
+    /// How to reach or authenticate to the store is wrong (credentials, kubeconfig,
+    /// node identity): an operator must fix it, but not in the network config.
+    #[error("{0}")]
+    Access(String),
     #[error("{0}")]
     Io(String),
 }
