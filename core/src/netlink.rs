@@ -26,6 +26,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::OnceLock;
 
+mod overlay;
+pub use overlay::{Fdb, Neigh, NetOp, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanInfo, VxlanSpec};
+
 /// A link as the plugins see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {

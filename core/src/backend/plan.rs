@@ -1,0 +1,205 @@
+//! Desired kernel state for the peers versus what the kernel holds, and the
+//! writes that turn one into the other, in a safe order: neighbours and FDB
+//! entries before the routes that use them; on removal routes first.
+
+use crate::netlink::{Fdb, Neigh, NetOp, OwnedRoute};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// The peer entries on this node: neighbours and FDB entries per device, and our
+/// routes by destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerState {
+    pub neighs: BTreeMap<(u32, IpAddr), [u8; 6]>,
+    pub fdbs: BTreeSet<(u32, Fdb)>,
+    pub routes: BTreeMap<IpNet, OwnedRoute>,
+}
+
+impl PeerState {
+    pub fn neigh(&mut self, dev: u32, n: Neigh) {
+        self.neighs.insert((dev, n.ip), n.mac);
+    }
+
+    pub fn fdb(&mut self, dev: u32, f: Fdb) {
+        self.fdbs.insert((dev, f));
+    }
+
+    pub fn route(&mut self, r: OwnedRoute) {
+        self.routes.insert(r.dst, r);
+    }
+
+    /// Everything in `other` too (one peer's entries into the whole).
+    pub fn merge(&mut self, other: PeerState) {
+        self.neighs.extend(other.neighs);
+        self.fdbs.extend(other.fdbs);
+        self.routes.extend(other.routes);
+    }
+
+    pub fn len(&self) -> usize {
+        self.neighs.len() + self.fdbs.len() + self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The writes, in the order they must be applied; each batch may run pipelined.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Neighbour and FDB entries to add or replace.
+    pub links: Vec<NetOp>,
+    /// Routes to add or replace (after `links`, so the kernel never has to ARP).
+    pub routes: Vec<NetOp>,
+    /// Routes to delete (before `unlinks`).
+    pub unroutes: Vec<NetOp>,
+    /// Neighbour and FDB entries to delete.
+    pub unlinks: Vec<NetOp>,
+}
+
+impl Plan {
+    /// The batches in application order.
+    pub fn batches(&self) -> [&[NetOp]; 4] {
+        [&self.links, &self.routes, &self.unroutes, &self.unlinks]
+    }
+
+    pub fn len(&self) -> usize {
+        self.batches().iter().map(|b| b.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What to write so `actual` becomes `desired`. Entries equal on both sides cost
+/// nothing; a changed one is replaced in place.
+pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
+    let mut p = Plan::default();
+    for (&(dev, ip), &mac) in &desired.neighs {
+        if actual.neighs.get(&(dev, ip)) != Some(&mac) {
+            p.links.push(NetOp::ReplaceNeigh(dev, Neigh { ip, mac }));
+        }
+    }
+    for &(dev, f) in desired.fdbs.difference(&actual.fdbs) {
+        p.links.push(NetOp::ReplaceFdb(dev, f));
+    }
+    for (dst, r) in &desired.routes {
+        if !same_route(actual.routes.get(dst), r) {
+            p.routes.push(NetOp::ReplaceRoute(*r));
+        }
+    }
+    for (dst, r) in &actual.routes {
+        if !desired.routes.contains_key(dst) {
+            p.unroutes.push(NetOp::DelRoute(*r));
+        }
+    }
+    for &(dev, f) in actual.fdbs.difference(&desired.fdbs) {
+        p.unlinks.push(NetOp::DelFdb(dev, f));
+    }
+    for &(dev, ip) in actual.neighs.keys() {
+        if !desired.neighs.contains_key(&(dev, ip)) {
+            p.unlinks.push(NetOp::DelNeigh(dev, ip));
+        }
+    }
+    p
+}
+
+/// Listings always name the device the kernel chose; a wanted route without an
+/// `oif` accepts any.
+fn same_route(have: Option<&OwnedRoute>, want: &OwnedRoute) -> bool {
+    have.is_some_and(|h| {
+        h.gw == want.gw
+            && h.onlink == want.onlink
+            && h.protocol == want.protocol
+            && (want.oif.is_none() || h.oif == want.oif)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, gw: &str, oif: u32) -> OwnedRoute {
+        OwnedRoute {
+            dst: dst.parse().unwrap(),
+            gw: gw.parse().unwrap(),
+            oif: Some(oif),
+            onlink: true,
+            protocol: 87,
+        }
+    }
+
+    fn peer(subnet: &str, gw: &str, mac: u8, public: &str) -> PeerState {
+        let mut s = PeerState::default();
+        s.neigh(
+            5,
+            Neigh {
+                ip: gw.parse().unwrap(),
+                mac: [2, 0, 0, 0, 0, mac],
+            },
+        );
+        s.fdb(
+            5,
+            Fdb {
+                mac: [2, 0, 0, 0, 0, mac],
+                dst: public.parse().unwrap(),
+            },
+        );
+        s.route(route(subnet, gw, 5));
+        s
+    }
+
+    #[test]
+    fn only_differences_are_written_in_a_safe_order() {
+        let mut desired = peer("10.244.1.0/24", "10.244.1.0", 1, "10.77.0.1");
+        desired.merge(peer("10.244.2.0/24", "10.244.2.0", 2, "10.77.0.2"));
+        let mut actual = peer("10.244.1.0/24", "10.244.1.0", 1, "10.77.0.1");
+        actual.merge(peer("10.244.3.0/24", "10.244.3.0", 3, "10.77.0.3"));
+        let p = plan(&desired, &actual);
+        assert_eq!(p.links.len(), 2, "{p:?}");
+        assert_eq!(
+            p.routes,
+            [NetOp::ReplaceRoute(route("10.244.2.0/24", "10.244.2.0", 5))]
+        );
+        assert_eq!(
+            p.unroutes,
+            [NetOp::DelRoute(route("10.244.3.0/24", "10.244.3.0", 5))]
+        );
+        assert_eq!(p.unlinks.len(), 2);
+        assert!(plan(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn a_changed_mac_replaces_the_neighbour_and_swaps_the_fdb_entry() {
+        let desired = peer("10.244.1.0/24", "10.244.1.0", 9, "10.77.0.1");
+        let actual = peer("10.244.1.0/24", "10.244.1.0", 1, "10.77.0.1");
+        let p = plan(&desired, &actual);
+        assert_eq!(p.links.len(), 2);
+        assert!(p.routes.is_empty() && p.unroutes.is_empty());
+        // The old MAC's FDB entry goes (flanneld leaves it behind).
+        assert!(matches!(
+            p.unlinks[..],
+            [NetOp::DelFdb(
+                5,
+                Fdb {
+                    mac: [2, 0, 0, 0, 0, 1],
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn a_route_without_oif_matches_whatever_device_the_kernel_chose() {
+        let mut want = route("10.244.1.0/24", "10.77.0.1", 3);
+        want.oif = None;
+        want.onlink = false;
+        let mut have = want;
+        have.oif = Some(3);
+        assert!(same_route(Some(&have), &want));
+        have.gw = "10.77.0.9".parse().unwrap();
+        assert!(!same_route(Some(&have), &want));
+    }
+}
