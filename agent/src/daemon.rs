@@ -1,24 +1,25 @@
 //! The agent's life: config → lease → rules → subnet.env → ready, then keep the
 //! lease renewed, the peer set current and the rules intact until SIGTERM.
 
+use crate::dataplane::Programmer;
 use crate::health::Status;
 use crate::iface::ExtIface;
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
+use weft_core::backend::Kind;
 use weft_core::lease::{
     AcquireRequest, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig, PeerEvent,
     PeerUpdate, SubnetEnv, SubnetKey, first_host_v4, first_host_v6,
 };
 use weft_core::node_masq::NodeMasq;
 
-/// Backends weftd can announce; flanneld ignores peers of other types.
-const BACKENDS: [&str; 2] = ["vxlan", "host-gw"];
 /// Wait between retries of a failed renewal (flanneld: 1 min).
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 
@@ -33,6 +34,8 @@ pub struct Settings {
     pub fully_random: bool,
     pub forward_rules: bool,
     pub rules_resync: Duration,
+    /// How often the peer entries are compared with the kernel and repaired.
+    pub peers_resync: Duration,
 }
 
 /// One node's state while running.
@@ -48,6 +51,7 @@ struct Node<'a, S> {
     peers: BTreeMap<SubnetKey, Lease>,
     /// While our lease is gone from the store: when to try again, and the backoff.
     lost: Option<(Instant, Duration)>,
+    dp: Programmer,
 }
 
 /// Run until SIGTERM or SIGINT. Errors only for what an operator must fix.
@@ -65,6 +69,8 @@ pub async fn run<S: LeaseSource>(
         }
     };
     let mut rules_tick = tokio::time::interval(settings.rules_resync.max(Duration::from_secs(1)));
+    let mut peers_tick = tokio::time::interval(settings.peers_resync.max(Duration::from_secs(1)));
+    peers_tick.reset();
     loop {
         tokio::select! {
             name = signals.recv() => {
@@ -75,6 +81,7 @@ pub async fn run<S: LeaseSource>(
             _ = tokio::time::sleep_until(node.retry_at().into()), if node.lost.is_some() => node.reacquire().await?,
             update = node.source.next_peers() => node.peers_changed(update?).await,
             _ = rules_tick.tick() => node.check_rules().await,
+            _ = peers_tick.tick() => node.dp.converge(node.peers.values().cloned().collect()).await,
         }
     }
     status.ready.store(false, Ordering::Relaxed);
@@ -111,7 +118,9 @@ async fn start<S: LeaseSource>(
     status: Arc<Status>,
 ) -> anyhow::Result<Node<'_, S>> {
     let config = wait_for_config(&mut source).await?;
-    check_backend(&config)?;
+    let kind = backend_kind(&config)?;
+    let public = public_ips(&config, settings)?;
+    let dp = Programmer::prepare(kind, &settings.iface, public.0, public.1, status.clone()).await?;
     let previous = match SubnetEnv::read(&settings.subnet_file) {
         Ok(prev) => prev.unwrap_or_default(),
         Err(e) => {
@@ -120,13 +129,15 @@ async fn start<S: LeaseSource>(
         }
     };
     let request = AcquireRequest {
-        attrs: lease_attrs(&config, settings)?,
+        attrs: lease_attrs(public, &dp),
         previous_v4: previous.subnet_v4,
         previous_v6: previous.subnet_v6,
     };
     let lease = acquire(&mut source, &config, &request, &status).await?;
+    dp.assign(lease.key, config.clone()).await?;
     let mut node = Node {
         source,
+        dp,
         settings,
         status,
         renew_at: renew_at(&lease, settings.renew_margin),
@@ -167,24 +178,21 @@ async fn wait_for_config<S: LeaseSource>(source: &mut S) -> anyhow::Result<Netwo
     }
 }
 
-fn check_backend(config: &NetworkConfig) -> anyhow::Result<()> {
-    let kind = &config.backend.kind;
+/// The backend to run: flanneld's explicit choice, one weft implements.
+fn backend_kind(config: &NetworkConfig) -> anyhow::Result<Kind> {
     if !config.backend.explicit {
         bail!(
             "the network config has no Backend; flanneld would run the udp backend, which weft does not have: set \"Backend\": {{\"Type\": \"vxlan\"}} or \"host-gw\""
         );
     }
-    if !BACKENDS.contains(&kind.as_str()) {
-        bail!(
-            "backend type {kind:?} is not supported; weft runs {}",
-            BACKENDS.join(" and ")
-        );
-    }
-    Ok(())
+    Kind::of(config).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The lease value this node publishes.
-fn lease_attrs(config: &NetworkConfig, s: &Settings) -> anyhow::Result<LeaseAttrs> {
+fn public_ips(
+    config: &NetworkConfig,
+    s: &Settings,
+) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
     let public_ip = s.public_ip.or(s.iface.addr_v4);
     if config.v4.is_some() && public_ip.is_none() {
         bail!(
@@ -199,13 +207,19 @@ fn lease_attrs(config: &NetworkConfig, s: &Settings) -> anyhow::Result<LeaseAttr
             s.iface.name
         );
     }
-    Ok(LeaseAttrs {
-        public_ip: public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-        public_ipv6: config.v6.and(public_ipv6),
-        backend_type: config.backend.kind.clone(),
-        backend_data: None,
-        backend_v6_data: None,
-    })
+    Ok((config.v4.and(public_ip), config.v6.and(public_ipv6)))
+}
+
+/// The lease value this node publishes: its addresses and the backend's data.
+fn lease_attrs(public: (Option<Ipv4Addr>, Option<Ipv6Addr>), dp: &Programmer) -> LeaseAttrs {
+    let (backend_data, backend_v6_data) = dp.plane().backend_data();
+    LeaseAttrs {
+        public_ip: public.0.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        public_ipv6: public.1,
+        backend_type: dp.plane().kind().name().to_owned(),
+        backend_data,
+        backend_v6_data,
+    }
 }
 
 /// Acquire, retrying what time can fix (store down, contention, a full pool).
@@ -297,6 +311,9 @@ impl<S: LeaseSource> Node<'_, S> {
                 let gone = self.peers.keys().filter(|k| !fresh.contains_key(k)).count();
                 info!(peers = fresh.len(), gone, "lease snapshot");
                 self.peers = fresh;
+                self.dp
+                    .converge(self.peers.values().cloned().collect())
+                    .await;
                 !own_present
             }
             PeerUpdate::Events(events) => {
@@ -309,12 +326,14 @@ impl<S: LeaseSource> Node<'_, S> {
                         PeerEvent::Added(l) if l.key == self.lease.key => {}
                         PeerEvent::Added(l) => {
                             debug!(subnet = %l.key, public_ip = %l.attrs.public_ip, "peer lease added");
-                            self.peers.insert(l.key, *l);
+                            let old = self.peers.insert(l.key, (*l).clone());
+                            self.dp.update(old, Some(*l)).await;
                         }
                         PeerEvent::Removed(k) if k == self.lease.key => own_gone = true,
                         PeerEvent::Removed(k) => {
-                            if self.peers.remove(&k).is_some() {
+                            if let Some(old) = self.peers.remove(&k) {
                                 debug!(subnet = %k, "peer lease removed");
+                                self.dp.update(Some(old), None).await;
                             }
                         }
                     }
@@ -369,7 +388,11 @@ impl<S: LeaseSource> Node<'_, S> {
             warn!(old = %self.lease.key, new = %lease.key, "the old subnet was taken meanwhile; pods must be restarted to use the new one");
         }
         self.renew_at = renew_at(&lease, self.settings.renew_margin);
+        let moved = lease.key != self.lease.key;
         self.lease = lease;
+        if moved && let Err(e) = self.dp.assign(self.lease.key, self.config.clone()).await {
+            error!(error = %e, "moving the VTEP to the new subnet failed");
+        }
         if let Err(e) = self.apply_rules().await {
             // The rules check retries every resync period.
             error!(error = %e, "installing the rules for the new lease failed");
@@ -445,17 +468,6 @@ impl<S> Node<'_, S> {
 
     /// flanneld's FLANNEL_MTU: vxlan adds 50 bytes of headers.
     fn mtu(&self) -> u32 {
-        let underlay = self
-            .config
-            .backend
-            .options
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("MTU"))
-            .and_then(|(_, v)| v.as_u64())
-            .map_or(self.settings.iface.mtu, |m| m as u32);
-        match self.config.backend.kind.as_str() {
-            "vxlan" => underlay.saturating_sub(50),
-            _ => self.settings.iface.mtu,
-        }
+        self.dp.plane().kind().pod_mtu(self.settings.iface.mtu)
     }
 }

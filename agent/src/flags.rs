@@ -79,6 +79,10 @@ pub struct Flags {
     /// Seconds between checks that the masquerade and forward rules are intact.
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
     pub iptables_resync: u64,
+    /// weft: seconds between comparisons of the peer routes, neighbours and FDB
+    /// entries with the kernel (hand-made damage is repaired then).
+    #[arg(long, env = "FLANNELD_PEERS_RESYNC", default_value_t = 10)]
+    pub peers_resync: u64,
     /// Take the subnet from the Kubernetes node's PodCIDR.
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = go_bool)]
     pub kube_subnet_mgr: bool,

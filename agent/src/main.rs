@@ -1,6 +1,7 @@
 //! weftd: the node agent, a drop-in for flanneld.
 
 mod daemon;
+mod dataplane;
 mod flags;
 mod health;
 mod iface;
@@ -52,6 +53,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         fully_random: !flags.ip_masq_fully_random_disable,
         forward_rules: flags.iptables_forward_rules,
         rules_resync: Duration::from_secs(flags.iptables_resync),
+        peers_resync: Duration::from_secs(flags.peers_resync),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

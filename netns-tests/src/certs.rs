@@ -10,6 +10,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// `openssl req` options for a new, unencrypted EC P-256 key (PKCS#8).
+const NEW_EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// Paths of the certificates and keys in one directory. Valid for two days.
 #[derive(Debug, Clone)]
 pub struct Certs {
@@ -105,6 +114,18 @@ impl Certs {
         self.conf.parent().expect("the config is in a directory")
     }
 
+    /// curl's arguments for the trusted client: `--cacert --cert --key`.
+    pub fn curl_client_args(&self) -> Vec<String> {
+        [
+            ("--cacert", &self.ca),
+            ("--cert", &self.client_cert),
+            ("--key", &self.client_key),
+        ]
+        .into_iter()
+        .flat_map(|(flag, p)| [flag.to_string(), s(p)])
+        .collect()
+    }
+
     /// One more client certificate from the trusted CA, with common name `cn` and a
     /// key in `format`, as `<name>.crt` / `<name>.key`: `(cert, key)`.
     pub fn extra_client(&self, name: &str, cn: &str, format: KeyFormat) -> (PathBuf, PathBuf) {
@@ -117,68 +138,45 @@ impl Certs {
         )
     }
 
+    /// `<dir>/<file>`, for openssl's command line.
+    fn path(&self, file: &str) -> String {
+        s(&self.dir().join(file))
+    }
+
+    /// `openssl req -new -config <conf> -subj /CN=<cn>` and `args`.
+    fn req(&self, cn: &str, args: &[&str]) {
+        let conf = s(&self.conf);
+        let subj = format!("/CN={cn}");
+        let mut argv = vec!["req", "-new", "-config", &conf, "-subj", &subj];
+        argv.extend_from_slice(args);
+        openssl(&argv);
+    }
+
     fn make_ca(&self, name: &str, cn: &str) {
-        let p = |f: &str| s(&self.dir().join(f));
-        openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-config",
-            &s(&self.conf),
-            "-extensions",
-            "ca",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p(&format!("{name}.key")),
-            "-out",
-            &p(&format!("{name}.crt")),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-        ]);
+        let (key, crt) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.crt")),
+        );
+        let x509 = ["-x509", "-extensions", "ca", "-days", "2"];
+        self.req(
+            cn,
+            &[&x509[..], &NEW_EC_KEY, &["-keyout", &key, "-out", &crt]].concat(),
+        );
     }
 
     fn make_leaf(&self, name: &str, cn: &str, ca: &str, ext: &str, serial: &str, key: KeyFormat) {
-        let p = |f: &str| s(&self.dir().join(f));
-        let key_path = p(&format!("{name}.key"));
-        let csr = p(&format!("{name}.csr"));
+        let key_path = self.path(&format!("{name}.key"));
+        let csr = self.path(&format!("{name}.csr"));
         match key {
-            KeyFormat::EcPkcs8 | KeyFormat::EcSec1 => openssl(&[
-                "req",
-                "-new",
-                "-config",
-                &s(&self.conf),
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key_path,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ]),
+            KeyFormat::EcPkcs8 | KeyFormat::EcSec1 => {
+                self.req(
+                    cn,
+                    &[&NEW_EC_KEY[..], &["-keyout", &key_path, "-out", &csr]].concat(),
+                );
+            }
             KeyFormat::RsaPkcs1 => {
                 openssl(&["genrsa", "-traditional", "-out", &key_path, "2048"]);
-                openssl(&[
-                    "req",
-                    "-new",
-                    "-config",
-                    &s(&self.conf),
-                    "-key",
-                    &key_path,
-                    "-out",
-                    &csr,
-                    "-subj",
-                    &format!("/CN={cn}"),
-                ]);
+                self.req(cn, &["-key", &key_path, "-out", &csr]);
             }
         }
         if key == KeyFormat::EcSec1 {
@@ -191,9 +189,9 @@ impl Certs {
             "-in",
             &csr,
             "-CA",
-            &p(&format!("{ca}.crt")),
+            &self.path(&format!("{ca}.crt")),
             "-CAkey",
-            &p(&format!("{ca}.key")),
+            &self.path(&format!("{ca}.key")),
             "-set_serial",
             serial,
             "-days",
@@ -203,7 +201,7 @@ impl Certs {
             "-extensions",
             ext,
             "-out",
-            &p(&format!("{name}.crt")),
+            &self.path(&format!("{name}.crt")),
         ]);
     }
 }

@@ -13,18 +13,17 @@
 //!   `leases` when there are none, no `deleted` when nothing was deleted;
 //! - failures are HTTP 400 with `{"error", "message", "code"}`.
 //!
-//! Every member dies with the thread that started it (`PR_SET_PDEATHSIG`), so a test
+//! Every member dies with the thread that started it ([`die_with_thread`]), so a test
 //! process killed without unwinding does not leave etcd servers behind.
 
 use crate::certs::Certs;
-use crate::{TempDir, TestNetns, base64};
+use crate::command::{self, die_with_thread, netns_command};
+use crate::{TempDir, TestNetns, base64, listen_ip, url_host};
 use serde_json::{Value, json};
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The etcd server binary (Debian package etcd-server).
@@ -127,15 +126,7 @@ impl EtcdCluster {
             Path::new(ETCD_BIN).exists(),
             "{ETCD_BIN} not found: install Debian's etcd-server"
         );
-        let ip: IpAddr = opts
-            .ip
-            .parse()
-            .unwrap_or_else(|e| panic!("EtcdOptions::ip {:?}: {e}", opts.ip));
-        // Outside a netns only loopback: tests must not send traffic anywhere else.
-        assert!(
-            opts.netns.is_some() || ip.is_loopback(),
-            "etcd outside a netns must listen on loopback, not {ip}"
-        );
+        let ip = listen_ip("EtcdOptions", "etcd", opts.ip, opts.netns);
         let attempts = if opts.netns.is_some() { 1 } else { 3 };
         for attempt in 1..=attempts {
             match Self::try_start(&opts, ip) {
@@ -154,10 +145,7 @@ impl EtcdCluster {
 
     fn try_start(opts: &EtcdOptions<'_>, ip: IpAddr) -> Result<EtcdCluster, StartError> {
         let dir = TempDir::new("etcd");
-        let host = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("[{v6}]"),
-        };
+        let host = url_host(ip);
         let tls = opts
             .tls
             .then(|| Certs::generate(&dir.join("tls"), &ip.to_string(), "etcd"));
@@ -212,24 +200,12 @@ impl EtcdCluster {
     /// Spawn member `i` with `--initial-cluster-state <state>`.
     fn spawn(&mut self, i: usize, state: &str) {
         let m = &self.members[i];
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&m.log)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", m.log.display()));
-        let _ = writeln!(log, "=== etcd harness: starting {} ({state}) ===", m.name);
-        let mut cmd = match &self.netns {
-            // nsenter only forks for --pid/--fork: it execs etcd, so the pid we get is
-            // etcd's and the parent-death signal set below survives into etcd.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(ETCD_BIN);
-                c
-            }
-            None => Command::new(ETCD_BIN),
-        };
+        let _ = writeln!(
+            command::append_to(&m.log),
+            "=== etcd harness: starting {} ({state}) ===",
+            m.name
+        );
+        let mut cmd = netns_command(self.netns.as_deref(), ETCD_BIN);
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -259,25 +235,8 @@ impl EtcdCluster {
                 cmd.env_remove(key);
             }
         }
-        let out = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("duplicating {}: {e}", m.log.display()));
-        cmd.stdin(Stdio::null()).stdout(out).stderr(log);
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-        let parent = std::process::id() as libc::pid_t;
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // We may have died between fork and prctl: then nobody would kill us.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
+        command::output_to(&mut cmd, &m.log);
+        let child = die_with_thread(&mut cmd)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {ETCD_BIN} for {}: {e}", m.name));
         self.members[i].child = Some(child);
@@ -559,17 +518,9 @@ impl EtcdCluster {
 
     /// curl arguments for a trusted client (`--cacert --cert --key`); empty without TLS.
     pub fn client_tls_args(&self) -> Vec<String> {
-        match &self.tls {
-            Some(t) => [
-                ("--cacert", &t.ca),
-                ("--cert", &t.client_cert),
-                ("--key", &t.client_key),
-            ]
-            .into_iter()
-            .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
-            .collect(),
-            None => Vec::new(),
-        }
+        self.tls
+            .as_ref()
+            .map_or_else(Vec::new, Certs::curl_client_args)
     }
 
     /// Run curl where the cluster is reachable (inside its netns, if any) with
@@ -581,20 +532,7 @@ impl EtcdCluster {
     }
 
     fn curl_strings(&self, args: &[String]) -> Output {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .args(["--", "curl"]);
-                c
-            }
-            None => Command::new("curl"),
-        };
-        cmd.args(["-sS", "--noproxy", "*", "--max-time", CURL_TIMEOUT_SECS])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawning curl {args:?}: {e}"))
+        command::curl(self.netns.as_deref(), CURL_TIMEOUT_SECS, args)
     }
 
     /// POST `body` to the gateway `path` (e.g. `/v3/kv/range`) of member `i`. `Err`
@@ -605,18 +543,11 @@ impl EtcdCluster {
         args.extend(["-X", "POST", "--data-binary"].map(String::from));
         args.push(body.to_string());
         args.push(url.clone());
-        let out = self.curl_strings(&args);
-        if !out.status.success() {
-            return Err(format!(
-                "curl {url} ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        let stdout = command::curl_stdout(self.curl_strings(&args), &url)?;
+        let v: Value = serde_json::from_slice(&stdout).map_err(|e| {
             format!(
                 "{url} answered non-JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&stdout)
             )
         })?;
         if v.get("error").is_some() {

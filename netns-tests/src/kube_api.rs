@@ -15,19 +15,17 @@
 //! The harness talks to those endpoints with `curl` (inside the netns, if any),
 //! not with the HTTP client under test.
 //!
-//! The server dies with the thread that started it (`PR_SET_PDEATHSIG`), so a test
+//! The server dies with the thread that started it ([`die_with_thread`]), so a test
 //! killed without unwinding leaves no server behind; dropping a [`FakeApiServer`]
 //! kills it and removes its scratch directory (certificates, state, log).
 
 use crate::certs::Certs;
-use crate::{TempDir, TestNetns, base64};
+use crate::command::{self, die_with_thread, netns_command};
+use crate::{TempDir, TestNetns, base64, listen_ip, url_host};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::fs::File;
-use std::net::IpAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 /// The directory of the server script and the recorded objects.
@@ -208,15 +206,7 @@ impl FakeApiServer {
     /// Start the server and wait (≤ 15 s) until it answers. Panics with its log
     /// otherwise.
     pub fn start(opts: FakeApiOptions<'_>) -> FakeApiServer {
-        let ip: IpAddr = opts
-            .ip
-            .parse()
-            .unwrap_or_else(|e| panic!("FakeApiOptions::ip {:?}: {e}", opts.ip));
-        // Outside a netns only loopback: tests must not listen anywhere else.
-        assert!(
-            opts.netns.is_some() || ip.is_loopback(),
-            "the fake API server outside a netns must listen on loopback, not {ip}"
-        );
+        let ip = listen_ip("FakeApiOptions", "the fake API server", opts.ip, opts.netns);
         let script = Path::new(FIXTURES).join("fake_apiserver.py");
         assert!(script.exists(), "{} is missing", script.display());
         let dir = TempDir::new("kube-api");
@@ -289,16 +279,12 @@ impl FakeApiServer {
                 "client certificates need tls"
             );
         }
-        let host = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("[{v6}]"),
-        };
         let mut server = FakeApiServer {
             child: None,
             netns: opts.netns.map(|ns| ns.path().to_path_buf()),
             certs,
             tls: opts.tls,
-            host,
+            host: url_host(ip),
             ip: ip.to_string(),
             port: 0,
             args,
@@ -314,77 +300,46 @@ impl FakeApiServer {
     fn spawn(&mut self, port: u16) {
         let port_file = self.dir.join("port");
         let _ = std::fs::remove_file(&port_file);
-        let mut cmd = match &self.netns {
-            // nsenter execs python3 (no --fork), so the parent-death signal set
-            // below survives into the server.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg("python3");
-                c
-            }
-            None => Command::new("python3"),
-        };
+        let mut cmd = netns_command(self.netns.as_deref(), "python3");
         cmd.args(&self.args).args(["--port", &port.to_string()]);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
-        let out = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log.display()));
-        cmd.stdin(Stdio::null()).stdout(out).stderr(log);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // We may have died between fork and prctl: then nobody would kill it.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
+        command::output_to(&mut cmd, &self.log);
+        let child = die_with_thread(&mut cmd)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning python3 {}: {e}", self.args[2]));
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let port = loop {
-            if let Some(p) = std::fs::read_to_string(&port_file)
+        self.port = self.wait_starting(deadline, "listen", Duration::from_millis(10), |_| {
+            std::fs::read_to_string(&port_file)
                 .ok()
                 .and_then(|t| t.trim().parse::<u16>().ok())
-            {
-                break p;
-            }
-            self.assert_alive("while starting");
-            assert!(
-                Instant::now() < deadline,
-                "the fake API server did not listen within {READY_TIMEOUT:?}; log {}:\n{}",
-                self.log.display(),
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        self.port = port;
+        });
         // Listening is not answering: the first request proves the TLS setup too.
+        self.wait_starting(deadline, "answer", Duration::from_millis(20), |server| {
+            server.try_control("GET", "/_test/state", None).ok()
+        });
+    }
+
+    /// Poll `f` every `poll` until it gives Some while the server starts; panics
+    /// (with the log) when it exits or at `deadline`, saying it did not `what`.
+    fn wait_starting<T>(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+        poll: Duration,
+        mut f: impl FnMut(&Self) -> Option<T>,
+    ) -> T {
         loop {
-            if self.try_control("GET", "/_test/state", None).is_ok() {
-                return;
+            if let Some(v) = f(self) {
+                return v;
             }
             self.assert_alive("while starting");
             assert!(
                 Instant::now() < deadline,
-                "the fake API server did not answer within {READY_TIMEOUT:?}; log {}:\n{}",
+                "the fake API server did not {what} within {READY_TIMEOUT:?}; log {}:\n{}",
                 self.log.display(),
                 self.log_tail()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(poll);
         }
     }
 
@@ -519,14 +474,7 @@ impl FakeApiServer {
         if !self.tls {
             return Vec::new();
         }
-        [
-            ("--cacert", &self.certs.ca),
-            ("--cert", &self.certs.client_cert),
-            ("--key", &self.certs.client_key),
-        ]
-        .into_iter()
-        .flat_map(|(flag, p)| [flag.to_string(), s(p)])
-        .collect()
+        self.certs.curl_client_args()
     }
 
     /// Run curl where the server is reachable (inside its netns, if any) with
@@ -538,20 +486,7 @@ impl FakeApiServer {
     }
 
     fn curl_strings(&self, args: &[String]) -> Output {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .args(["--", "curl"]);
-                c
-            }
-            None => Command::new("curl"),
-        };
-        cmd.args(["-sS", "--noproxy", "*", "--max-time", CURL_TIMEOUT_SECS])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("spawning curl {args:?}: {e}"))
+        command::curl(self.netns.as_deref(), CURL_TIMEOUT_SECS, args)
     }
 
     /// `method path` with an optional JSON body as a trusted client: `(status, JSON)`.
@@ -579,15 +514,8 @@ impl FakeApiServer {
             ]);
         }
         args.push(url.clone());
-        let out = self.curl_strings(&args);
-        if !out.status.success() {
-            return Err(format!(
-                "curl {method} {url} ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
+        let stdout = command::curl_stdout(self.curl_strings(&args), &format!("{method} {url}"))?;
+        let text = String::from_utf8_lossy(&stdout);
         let (body, code) = text
             .rsplit_once('\n')
             .ok_or_else(|| format!("curl {method} {url}: no status line in {text:?}"))?;

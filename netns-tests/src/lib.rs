@@ -11,11 +11,14 @@
 //! - [`kube_api::FakeApiServer`]: a fake Kubernetes API (Python, HTTPS) serving
 //!   recorded Node objects, for the kube lease source; not a real API server.
 //! - [`certs::Certs`]: a CA, server and client certificates (openssl CLI).
+//! - [`netns_command`], [`die_with_thread`]: run a server or daemon in a netns, and
+//!   have it die with the test's thread.
 //!
 //! Tests that need root start with `if !netns_tests::require_root() { return; }`.
 
 pub mod base64;
 pub mod certs;
+mod command;
 pub mod driver;
 pub mod etcd;
 pub mod fake;
@@ -24,12 +27,14 @@ mod netns;
 mod runner;
 mod tempdir;
 
+pub use command::{die_with_thread, netns_command};
 pub use netns::TestNetns;
 pub use runner::{
     CniErr, Invocation, Outcome, bin_dir, plugin_path, reference_dir, workspace_root,
 };
 pub use tempdir::TempDir;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Join two namespaces with a veth pair: `(ifname, address/prefix)` on each side,
@@ -42,6 +47,28 @@ pub fn join(a: &TestNetns, a_side: (&str, &str), b: &TestNetns, b_side: (&str, &
     for (ns, (ifname, addr)) in [(a, a_side), (b, b_side)] {
         ns.exec_ok(&["ip", "addr", "add", addr, "dev", ifname, "nodad"]);
         ns.exec_ok(&["ip", "link", "set", ifname, "up"]);
+    }
+}
+
+/// The address `ip` a test server (`what`, started with `options`) is to listen
+/// on. Outside a netns only loopback: tests must not listen or send traffic
+/// anywhere else. Panics otherwise.
+pub(crate) fn listen_ip(options: &str, what: &str, ip: &str, netns: Option<&TestNetns>) -> IpAddr {
+    let parsed: IpAddr = ip
+        .parse()
+        .unwrap_or_else(|e| panic!("{options}::ip {ip:?}: {e}"));
+    assert!(
+        netns.is_some() || parsed.is_loopback(),
+        "{what} outside a netns must listen on loopback, not {parsed}"
+    );
+    parsed
+}
+
+/// `ip` as the host of a URL: IPv6 in brackets.
+pub(crate) fn url_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }
 

@@ -10,15 +10,17 @@
 
 use netns_tests::certs::KeyFormat;
 use netns_tests::kube_api::{
-    ClientCerts, DEFAULT_TOKEN, FakeApiOptions, FakeApiServer, WatchFraming, recorded_node,
-    recorded_nodes,
+    ApiRequest, ClientCerts, DEFAULT_TOKEN, FakeApiOptions, FakeApiServer, WatchFraming,
+    recorded_node, recorded_nodes,
 };
 use netns_tests::{TempDir, TestNetns, base64, require_root};
 use serde_json::{Value, json};
+use std::ffi::OsStr;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
 use weft_core::lease::kube::{
     KubeOptions, KubeSource, SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_DIR_ENV,
 };
@@ -35,9 +37,11 @@ const DUAL_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv
 const V6_NET_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd44::/48","Backend":{"Type":"vxlan"}}"#;
 /// The lease value of the recorded node flanneld annotated (kube-master).
 const MASTER_LEASE: &str = r#"{"PublicIP":"192.168.56.10","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}}"#;
+/// How an error for an API server that cannot be talked to (TLS) begins.
+const UNREACHABLE: &str = "calling the API server (/api/v1/nodes/kube-worker-1): ";
 const WAIT: Duration = Duration::from_secs(10);
 
-fn rt() -> tokio::runtime::Runtime {
+fn rt() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,6 +51,11 @@ fn rt() -> tokio::runtime::Runtime {
 fn config(text: &str) -> NetworkConfig {
     NetworkConfig::parse(text.as_bytes()).unwrap()
 }
+
+// --- nodes, requests and leases -----------------------------------------------------
+//
+// Node `kube-worker-<i>` (the recorded kube-worker-1 and -2 too) holds
+// 10.244.<i>.0/24 and acquires with `request(10 + i)`.
 
 fn vxlan_data(mac: &str) -> Value {
     json!({"VNI": 1, "VtepMAC": mac})
@@ -81,6 +90,14 @@ fn flannel_annotations(n: u8) -> Value {
     })
 }
 
+/// The object `map` with the entries of the object `extra` added or replaced.
+fn with_entries(mut map: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        map[k] = v.clone();
+    }
+    map
+}
+
 /// A node kubeadm registered with `cidr`; annotated like flanneld does for
 /// `request(n)` when `annotated`.
 fn node(name: &str, cidr: &str, n: u8, annotated: bool) -> Value {
@@ -90,17 +107,63 @@ fn node(name: &str, cidr: &str, n: u8, annotated: bool) -> Value {
     node["metadata"]["labels"]["kubernetes.io/hostname"] = json!(name);
     node["spec"] = json!({"podCIDR": cidr, "podCIDRs": [cidr]});
     if annotated {
-        let a = node["metadata"]["annotations"].as_object_mut().unwrap();
-        for (k, v) in flannel_annotations(n).as_object().unwrap() {
-            a.insert(k.clone(), v.clone());
-        }
+        let a = node["metadata"]["annotations"].take();
+        node["metadata"]["annotations"] = with_entries(a, &flannel_annotations(n));
     }
     node
+}
+
+/// `kube-worker-<i>`, annotated when `annotated`.
+fn worker(i: u8, annotated: bool) -> Value {
+    node(
+        &format!("kube-worker-{i}"),
+        &format!("10.244.{i}.0/24"),
+        10 + i,
+        annotated,
+    )
 }
 
 fn key(s: &str) -> SubnetKey {
     s.parse().unwrap()
 }
+
+/// `kube-worker-<i>`'s subnet.
+fn worker_key(i: u8) -> SubnetKey {
+    key(&format!("10.244.{i}.0-24"))
+}
+
+/// `(key, value JSON)` of leases, for comparisons that show flanneld's bytes.
+fn summary(leases: &[Lease]) -> Vec<(String, String)> {
+    leases
+        .iter()
+        .map(|l| (l.key.to_string(), l.attrs.to_json()))
+        .collect()
+}
+
+/// [`summary`] of `kube-worker-<i>`'s lease.
+fn worker_lease(i: u8) -> (String, String) {
+    (worker_key(i).to_string(), request(10 + i).attrs.to_json())
+}
+
+/// The annotation `name` (after the prefix [`P`]) in a patch `r` sent.
+fn patched<'a>(r: &'a ApiRequest, name: &str) -> &'a Value {
+    &r.body["metadata"]["annotations"][format!("{P}{name}")]
+}
+
+/// Whether `r` lists the nodes (not a watch).
+fn is_node_list(r: &ApiRequest) -> bool {
+    r.path == "/api/v1/nodes" && !r.is_watch()
+}
+
+/// The message of a `LeaseError::Store`.
+fn store_message(r: &Result<Lease, LeaseError>) -> Option<&str> {
+    match r {
+        Err(LeaseError::Store(m)) => Some(m),
+        _ => None,
+    }
+}
+
+// --- the fake cluster ---------------------------------------------------------------
 
 /// A fake API server with the recorded nodes, and a scratch directory with a
 /// token kubeconfig for it.
@@ -117,11 +180,7 @@ impl Cluster {
     fn with(opts: FakeApiOptions<'_>) -> Cluster {
         let api = FakeApiServer::start(opts);
         let dir = TempDir::new("kube-lease");
-        std::fs::write(
-            dir.join("kubeconfig"),
-            api.kubeconfig(&format!("token: {DEFAULT_TOKEN}")),
-        )
-        .unwrap();
+        std::fs::write(dir.join("kubeconfig"), api.kubeconfig(&token_user())).unwrap();
         Cluster { api, dir }
     }
 
@@ -134,6 +193,30 @@ impl Cluster {
         }
     }
 
+    /// [`opts`](Self::opts) with neither node name nor pod.
+    fn nameless(&self) -> KubeOptions {
+        KubeOptions {
+            node_name: None,
+            ..self.opts("")
+        }
+    }
+
+    /// Options that find the node through pod `kube-flannel/<pod>`.
+    fn pod_opts(&self, pod: &str) -> KubeOptions {
+        KubeOptions {
+            pod: Some(("kube-flannel".into(), pod.into())),
+            ..self.nameless()
+        }
+    }
+
+    /// Options for kube-worker-1 with the kubeconfig `path`.
+    fn kubeconfig_opts(&self, path: &Path) -> KubeOptions {
+        KubeOptions {
+            kubeconfig: Some(path.to_path_buf()),
+            ..self.opts("kube-worker-1")
+        }
+    }
+
     /// A kubeconfig file `name` in the scratch directory holding `text`.
     fn kubeconfig_file(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.join(name);
@@ -143,7 +226,64 @@ impl Cluster {
         std::fs::write(&path, text).unwrap();
         path
     }
+
+    /// A kubeconfig file `name` in kubeadm's layout (see [`kubeconfig`]).
+    fn kubeadm_file(&self, name: &str, cluster: &str, user: &str) -> PathBuf {
+        self.kubeconfig_file(name, &kubeconfig(cluster, user))
+    }
+
+    /// The kubeconfig cluster field `server: <url>`.
+    fn server(&self) -> String {
+        format!("server: {}", self.api.url())
+    }
+
+    /// The kubeconfig cluster field `certificate-authority-data` with the CA.
+    fn ca_data(&self) -> String {
+        format!(
+            "certificate-authority-data: {}",
+            b64_file(self.api.ca_path())
+        )
+    }
+
+    /// The kubeconfig cluster fields for this server, with the CA inline.
+    fn trusted_cluster(&self) -> String {
+        format!("{}\n{}", self.ca_data(), self.server())
+    }
+
+    /// Connect as `node` and acquire with `request(n)` under [`NET_CONF`].
+    fn acquire(&self, node: &str, n: u8) -> Result<Lease, LeaseError> {
+        acquire_as(&self.opts(node), NET_CONF, &request(n))
+    }
+
+    /// Annotation `name` (after the prefix [`P`]) of node `node`.
+    fn annotation(&self, node: &str, name: &str) -> Value {
+        self.api.annotations(node)[&format!("{P}{name}")].clone()
+    }
+
+    /// Set (`Some`) or remove (`None`) annotation `name` (after [`P`]) of `node`.
+    fn set_annotation(&self, node: &str, name: &str, value: Option<&str>) {
+        self.api.annotate(node, &[(&format!("{P}{name}"), value)]);
+    }
+
+    /// Annotate `node` like its flanneld does for `request(n)`.
+    fn annotate_like_flanneld(&self, node: &str, n: u8) {
+        let a = flannel_annotations(n);
+        let changes: Vec<(&str, Option<&str>)> = a
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.api.annotate(node, &changes);
+    }
+
+    /// How each API request so far was authenticated.
+    fn auths(&self) -> Vec<Option<String>> {
+        self.api.requests().into_iter().map(|r| r.auth).collect()
+    }
 }
+
+// --- the source ---------------------------------------------------------------------
 
 async fn connect(opts: &KubeOptions, conf: &str) -> KubeSource {
     match KubeSource::connect(opts, config(conf)).await {
@@ -152,22 +292,47 @@ async fn connect(opts: &KubeOptions, conf: &str) -> KubeSource {
     }
 }
 
-async fn connect_err(opts: &KubeOptions) -> LeaseError {
-    match KubeSource::connect(opts, config(NET_CONF)).await {
+/// Why connecting with `opts` fails (on a runtime of its own).
+fn connect_err(opts: &KubeOptions) -> LeaseError {
+    match rt().block_on(KubeSource::connect(opts, config(NET_CONF))) {
         Ok(_) => panic!("KubeSource::connect succeeded with {opts:?}"),
         Err(e) => e,
     }
 }
 
-/// Connect as `node` and acquire with `req` under net-conf `conf`.
-async fn acquire_as(
-    opts: &KubeOptions,
-    conf: &str,
-    req: &AcquireRequest,
-) -> Result<Lease, LeaseError> {
-    let mut src = connect(opts, conf).await;
-    let cfg = src.network_config().await.unwrap();
+/// Acquire with `req` under the source's network config.
+async fn acquire(src: &mut KubeSource, req: &AcquireRequest) -> Result<Lease, LeaseError> {
+    let cfg = src.network_config().await?;
     src.acquire(&cfg, req).await
+}
+
+/// Connect with `opts` under net-conf `conf` and acquire with `req`.
+async fn acquired(opts: &KubeOptions, conf: &str, req: &AcquireRequest) -> KubeSource {
+    let mut src = connect(opts, conf).await;
+    acquire(&mut src, req).await.unwrap();
+    src
+}
+
+/// Connect with `opts` under net-conf `conf` and acquire with `req`, on a runtime
+/// of its own.
+fn acquire_as(opts: &KubeOptions, conf: &str, req: &AcquireRequest) -> Result<Lease, LeaseError> {
+    rt().block_on(async {
+        let mut src = connect(opts, conf).await;
+        acquire(&mut src, req).await
+    })
+}
+
+/// Connect as kube-master, take the first Snapshot (kube-master, which flanneld
+/// annotated) and wait for the watch.
+async fn watching(c: &Cluster) -> KubeSource {
+    let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
+    let first = snapshot(next(&mut src).await);
+    assert_eq!(
+        summary(&first),
+        [("10.244.0.0-24".to_string(), MASTER_LEASE.to_string())]
+    );
+    c.api.wait_open_watches(1, WAIT);
+    src
 }
 
 /// The next peer update, panicking after 10 s.
@@ -196,39 +361,36 @@ fn snapshot(u: PeerUpdate) -> Vec<Lease> {
     }
 }
 
-fn events(u: PeerUpdate) -> Vec<PeerEvent> {
-    match u {
-        PeerUpdate::Events(e) => e,
-        other => panic!("expected Events, got {other:?}"),
+/// The next update, which must be one event.
+async fn next_event(src: &mut KubeSource) -> PeerEvent {
+    match next(src).await {
+        PeerUpdate::Events(mut e) if e.len() == 1 => e.remove(0),
+        other => panic!("expected one event, got {other:?}"),
     }
 }
 
-/// The one event of `u`, an `Added`: the lease.
-fn added(u: PeerUpdate) -> Lease {
-    match events(u).as_slice() {
-        [PeerEvent::Added(l)] => (**l).clone(),
+/// The next update, which must be one `Added`: the lease.
+async fn next_added(src: &mut KubeSource) -> Lease {
+    match next_event(src).await {
+        PeerEvent::Added(l) => *l,
         other => panic!("expected one Added, got {other:?}"),
     }
 }
 
-fn removed(u: PeerUpdate) -> SubnetKey {
-    match events(u).as_slice() {
-        [PeerEvent::Removed(k)] => *k,
+/// The next update, which must be one `Removed`: the key.
+async fn next_removed(src: &mut KubeSource) -> SubnetKey {
+    match next_event(src).await {
+        PeerEvent::Removed(k) => k,
         other => panic!("expected one Removed, got {other:?}"),
     }
 }
 
-/// `(key, value JSON)` of leases, for comparisons that show flanneld's bytes.
-fn summary(leases: &[Lease]) -> Vec<(String, String)> {
-    leases
-        .iter()
-        .map(|l| (l.key.to_string(), l.attrs.to_json()))
-        .collect()
-}
-
-fn lease_of(n: u8, cidr: &str) -> (String, String) {
-    let attrs = request(n).attrs;
-    (key(cidr).to_string(), attrs.to_json())
+/// Add `kube-worker-<i>`, annotated, and expect it as the next update: the stored
+/// node.
+async fn add_worker(c: &Cluster, src: &mut KubeSource, i: u8) -> Value {
+    let stored = c.api.put_node(&worker(i, true));
+    assert_eq!(next_added(src).await.key, worker_key(i));
+    stored
 }
 
 // --- acquire ----------------------------------------------------------------------
@@ -239,10 +401,8 @@ fn acquire_publishes_flanneld_annotations_with_a_merge_patch_of_status() {
         return;
     }
     let c = Cluster::start();
-    let lease = rt()
-        .block_on(acquire_as(&c.opts("kube-worker-1"), NET_CONF, &request(11)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.1.0-24"));
+    let lease = c.acquire("kube-worker-1", 11).unwrap();
+    assert_eq!(lease.key, worker_key(1));
     assert_eq!(lease.attrs, request(11).attrs);
     assert_eq!((lease.etcd_lease, lease.ttl), (0, None));
 
@@ -268,11 +428,11 @@ fn acquire_publishes_flanneld_annotations_with_a_merge_patch_of_status() {
         json!({"metadata": {"annotations": flannel_annotations(11)}})
     );
     // Merged into kubeadm's annotations.
-    let mut want = recorded_node("kube-worker-1")["metadata"]["annotations"].clone();
-    for (k, v) in flannel_annotations(11).as_object().unwrap() {
-        want[k] = v.clone();
-    }
-    assert_eq!(Value::Object(c.api.annotations("kube-worker-1")), want);
+    let kubeadm = recorded_node("kube-worker-1")["metadata"]["annotations"].clone();
+    assert_eq!(
+        Value::Object(c.api.annotations("kube-worker-1")),
+        with_entries(kubeadm, &flannel_annotations(11))
+    );
 }
 
 #[test]
@@ -281,17 +441,11 @@ fn acquire_with_unchanged_annotations_does_not_patch() {
         return;
     }
     let c = Cluster::start();
-    let rt = rt();
-    let opts = c.opts("kube-worker-1");
-    rt.block_on(acquire_as(&opts, NET_CONF, &request(11)))
-        .unwrap();
+    c.acquire("kube-worker-1", 11).unwrap();
     let rv = c.api.resource_version();
     c.api.clear_requests();
     // A restart with the same address and VTEP: a read, nothing written.
-    let lease = rt
-        .block_on(acquire_as(&opts, NET_CONF, &request(11)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.1.0-24"));
+    assert_eq!(c.acquire("kube-worker-1", 11).unwrap().key, worker_key(1));
     assert_eq!(c.api.request_lines(), ["GET /api/v1/nodes/kube-worker-1"]);
     assert_eq!(c.api.resource_version(), rv);
 
@@ -299,11 +453,11 @@ fn acquire_with_unchanged_annotations_does_not_patch() {
     c.api.clear_requests();
     let mut req = request(11);
     req.attrs.backend_data = Some(vxlan_data("0e:77:00:00:01:11"));
-    rt.block_on(acquire_as(&opts, NET_CONF, &req)).unwrap();
+    acquire_as(&c.opts("kube-worker-1"), NET_CONF, &req).unwrap();
     let reqs = c.api.requests();
     assert_eq!(reqs.len(), 2, "{:?}", c.api.request_lines());
     assert_eq!(
-        reqs[1].body["metadata"]["annotations"][format!("{P}backend-data")],
+        patched(&reqs[1], "backend-data"),
         r#"{"VNI":1,"VtepMAC":"0e:77:00:00:01:11"}"#
     );
 }
@@ -318,9 +472,7 @@ fn the_node_flanneld_annotated_is_not_patched_for_the_same_values() {
     let c = Cluster::start();
     let mut req = request(10);
     req.attrs.backend_data = Some(vxlan_data("12:c6:65:89:b4:e3"));
-    let lease = rt()
-        .block_on(acquire_as(&c.opts("kube-master"), NET_CONF, &req))
-        .unwrap();
+    let lease = acquire_as(&c.opts("kube-master"), NET_CONF, &req).unwrap();
     assert_eq!(lease.key, key("10.244.0.0-24"));
     assert_eq!(lease.attrs.to_json(), MASTER_LEASE);
     assert_eq!(c.api.request_lines(), ["GET /api/v1/nodes/kube-master"]);
@@ -332,33 +484,19 @@ fn public_ip_overwrite_annotations_are_honoured() {
         return;
     }
     let c = Cluster::start();
-    c.api.annotate(
-        "kube-worker-2",
-        &[(&format!("{P}public-ip-overwrite"), Some("203.0.113.12"))],
-    );
-    let rt = rt();
-    rt.block_on(acquire_as(&c.opts("kube-worker-2"), NET_CONF, &request(12)))
-        .unwrap();
-    let a = c.api.annotations("kube-worker-2");
-    assert_eq!(a[&format!("{P}public-ip")], "203.0.113.12");
-    assert_eq!(a[&format!("{P}public-ip-overwrite")], "203.0.113.12");
-    let reqs = c.api.requests();
+    c.set_annotation("kube-worker-2", "public-ip-overwrite", Some("203.0.113.12"));
+    c.acquire("kube-worker-2", 12).unwrap();
+    assert_eq!(c.annotation("kube-worker-2", "public-ip"), "203.0.113.12");
     assert_eq!(
-        reqs[1].body["metadata"]["annotations"][format!("{P}public-ip")],
+        c.annotation("kube-worker-2", "public-ip-overwrite"),
         "203.0.113.12"
     );
+    assert_eq!(patched(&c.api.requests()[1], "public-ip"), "203.0.113.12");
 
     // Not an IPv4 address: ignored, the node's own address is published.
-    c.api.annotate(
-        "kube-worker-2",
-        &[(&format!("{P}public-ip-overwrite"), Some("not-an-ip"))],
-    );
-    rt.block_on(acquire_as(&c.opts("kube-worker-2"), NET_CONF, &request(12)))
-        .unwrap();
-    assert_eq!(
-        c.api.annotations("kube-worker-2")[&format!("{P}public-ip")],
-        "192.168.56.12"
-    );
+    c.set_annotation("kube-worker-2", "public-ip-overwrite", Some("not-an-ip"));
+    c.acquire("kube-worker-2", 12).unwrap();
+    assert_eq!(c.annotation("kube-worker-2", "public-ip"), "192.168.56.12");
 }
 
 #[test]
@@ -370,17 +508,11 @@ fn dual_stack_nodes_publish_the_v6_annotations_too() {
     let mut n = node("kube-ds", "10.244.5.0/24", 15, false);
     n["spec"]["podCIDRs"] = json!(["10.244.5.0/24", "fd44:0:0:5::/64"]);
     c.api.put_node(&n);
-    c.api.annotate(
-        "kube-ds",
-        &[(&format!("{P}public-ipv6-overwrite"), Some("2001:db8::15"))],
-    );
+    c.set_annotation("kube-ds", "public-ipv6-overwrite", Some("2001:db8::15"));
     let mut req = request(15);
     req.attrs.public_ipv6 = Some("fd00:56::15".parse().unwrap());
     req.attrs.backend_v6_data = Some(vxlan_data("0e:77:00:00:06:15"));
-    let rt = rt();
-    let lease = rt
-        .block_on(acquire_as(&c.opts("kube-ds"), DUAL_NET_CONF, &req))
-        .unwrap();
+    let lease = acquire_as(&c.opts("kube-ds"), DUAL_NET_CONF, &req).unwrap();
     assert_eq!(lease.key, key("10.244.5.0-24&fd44:0:0:5::-64"));
     let reqs = c.api.requests();
     let mut want = flannel_annotations(15);
@@ -389,10 +521,7 @@ fn dual_stack_nodes_publish_the_v6_annotations_too() {
     assert_eq!(reqs[1].body, json!({"metadata": {"annotations": want}}));
 
     // A v4-only net-conf.json: the node's IPv6 PodCIDR is ignored, as flanneld does.
-    let lease = rt
-        .block_on(acquire_as(&c.opts("kube-ds"), NET_CONF, &request(15)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.5.0-24"));
+    assert_eq!(c.acquire("kube-ds", 15).unwrap().key, key("10.244.5.0-24"));
 }
 
 #[test]
@@ -402,9 +531,7 @@ fn a_pod_cidr_outside_the_network_is_a_config_error_naming_both() {
     }
     let c = Cluster::start();
     let conf = r#"{"Network":"10.10.0.0/16","Backend":{"Type":"vxlan"}}"#;
-    let err = rt()
-        .block_on(acquire_as(&c.opts("kube-worker-1"), conf, &request(11)))
-        .unwrap_err();
+    let err = acquire_as(&c.opts("kube-worker-1"), conf, &request(11)).unwrap_err();
     assert_eq!(
         err,
         LeaseError::Config(
@@ -425,12 +552,8 @@ fn a_node_without_pod_cidr_is_a_store_error_naming_allocate_node_cidrs() {
     let mut n = node("kube-new", "10.244.9.0/24", 9, false);
     n["spec"] = json!({});
     c.api.put_node(&n);
-    let rt = rt();
-    let err = rt
-        .block_on(acquire_as(&c.opts("kube-new"), NET_CONF, &request(9)))
-        .unwrap_err();
     assert_eq!(
-        err,
+        c.acquire("kube-new", 9).unwrap_err(),
         LeaseError::Store(
             "node kube-new has no spec.podCIDR yet (is kube-controller-manager running with --allocate-node-cidrs?)"
                 .into()
@@ -441,10 +564,7 @@ fn a_node_without_pod_cidr_is_a_store_error_naming_allocate_node_cidrs() {
     // Then kube-controller-manager assigns one: the retry works.
     n["spec"] = json!({"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]});
     c.api.put_node(&n);
-    let lease = rt
-        .block_on(acquire_as(&c.opts("kube-new"), NET_CONF, &request(9)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.9.0-24"));
+    assert_eq!(c.acquire("kube-new", 9).unwrap().key, key("10.244.9.0-24"));
 }
 
 #[test]
@@ -453,11 +573,8 @@ fn a_missing_node_is_a_store_error_with_the_api_message() {
         return;
     }
     let c = Cluster::start();
-    let err = rt()
-        .block_on(acquire_as(&c.opts("ghost"), NET_CONF, &request(1)))
-        .unwrap_err();
     assert_eq!(
-        err,
+        c.acquire("ghost", 1).unwrap_err(),
         LeaseError::Store(
             r#"/api/v1/nodes/ghost: HTTP 404 Not Found: nodes "ghost" not found"#.into()
         )
@@ -471,11 +588,8 @@ fn a_forbidden_patch_names_the_rbac_rules() {
     }
     let c = Cluster::start();
     c.api.forbid(&[("PATCH", "^/api/v1/nodes/[^/]+/status$")]);
-    let err = rt()
-        .block_on(acquire_as(&c.opts("kube-worker-1"), NET_CONF, &request(11)))
-        .unwrap_err();
     assert_eq!(
-        err,
+        c.acquire("kube-worker-1", 11).unwrap_err(),
         LeaseError::Store(
             r#"/api/v1/nodes/kube-worker-1/status: HTTP 403 Forbidden: nodes "kube-worker-1" is forbidden: User "system:serviceaccount:kube-flannel:flannel" cannot patch resource "nodes/status" in API group "" at the cluster scope (RBAC: weftd needs nodes get/list/watch, nodes/status patch and pods get)"#
                 .into()
@@ -494,12 +608,10 @@ fn a_custom_annotation_prefix_gets_a_slash_and_ignores_flannels() {
         ..c.opts("kube-worker-1")
     };
     rt().block_on(async {
-        let mut src = connect(&opts, NET_CONF).await;
-        let cfg = src.network_config().await.unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
+        let mut src = acquired(&opts, NET_CONF, &request(11)).await;
         // kube-master carries flannel.alpha.coreos.com/ annotations only.
         let leases = snapshot(next(&mut src).await);
-        assert_eq!(summary(&leases), [lease_of(11, "10.244.1.0-24")]);
+        assert_eq!(summary(&leases), [worker_lease(1)]);
     });
     let body = &c.api.requests()[1].body;
     let keys: Vec<&String> = body["metadata"]["annotations"]
@@ -524,21 +636,16 @@ fn mark_ready_clears_network_unavailable_with_a_strategic_merge_patch() {
         return;
     }
     let c = Cluster::start();
-    let rt = rt();
+    let mark_ready = |opts: KubeOptions| {
+        rt().block_on(async { connect(&opts, NET_CONF).await.mark_ready().await.unwrap() })
+    };
     // --set-node-network-unavailable=false: nothing.
-    rt.block_on(async {
-        let mut src = connect(&c.opts("kube-worker-1"), NET_CONF).await;
-        src.mark_ready().await.unwrap();
-    });
+    mark_ready(c.opts("kube-worker-1"));
     assert_eq!(c.api.request_lines(), Vec::<String>::new());
 
-    let opts = KubeOptions {
+    mark_ready(KubeOptions {
         set_network_unavailable: true,
         ..c.opts("kube-worker-1")
-    };
-    rt.block_on(async {
-        let mut src = connect(&opts, NET_CONF).await;
-        src.mark_ready().await.unwrap();
     });
     let reqs = c.api.requests();
     assert_eq!(
@@ -588,9 +695,7 @@ fn peers_are_a_snapshot_then_watch_events() {
     }
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-worker-1"), NET_CONF).await;
-        let cfg = src.network_config().await.unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
+        let mut src = acquired(&c.opts("kube-worker-1"), NET_CONF, &request(11)).await;
         let list_rv = c.api.resource_version();
 
         // The annotated nodes, own included; the one flanneld annotated parses to
@@ -600,42 +705,27 @@ fn peers_are_a_snapshot_then_watch_events() {
             summary(&leases),
             [
                 ("10.244.0.0-24".to_string(), MASTER_LEASE.to_string()),
-                lease_of(11, "10.244.1.0-24"),
+                worker_lease(1),
             ]
         );
         c.api.wait_open_watches(1, WAIT);
 
         // ADDED: a new node, annotated.
-        c.api.put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
-        let l = added(next(&mut src).await);
-        assert_eq!(summary(&[l]), [lease_of(13, "10.244.3.0-24")]);
+        c.api.put_node(&worker(3, true));
+        assert_eq!(summary(&[next_added(&mut src).await]), [worker_lease(3)]);
 
         // MODIFIED: kube-worker-2 annotated by its flanneld.
-        c.api.annotate(
-            "kube-worker-2",
-            &[
-                (&format!("{P}kube-subnet-manager"), Some("true")),
-                (&format!("{P}backend-type"), Some("vxlan")),
-                (
-                    &format!("{P}backend-data"),
-                    Some(r#"{"VNI":1,"VtepMAC":"0e:77:00:00:00:0c"}"#),
-                ),
-                (&format!("{P}public-ip"), Some("192.168.56.12")),
-            ],
-        );
-        let l = added(next(&mut src).await);
-        assert_eq!(summary(&[l]), [lease_of(12, "10.244.2.0-24")]);
+        c.annotate_like_flanneld("kube-worker-2", 12);
+        assert_eq!(summary(&[next_added(&mut src).await]), [worker_lease(2)]);
 
         // MODIFIED: a new VTEP MAC on kube-worker-3.
-        c.api.annotate(
+        c.set_annotation(
             "kube-worker-3",
-            &[(
-                &format!("{P}backend-data"),
-                Some(r#"{"VNI":1,"VtepMAC":"0e:77:00:00:01:0d"}"#),
-            )],
+            "backend-data",
+            Some(r#"{"VNI":1,"VtepMAC":"0e:77:00:00:01:0d"}"#),
         );
-        let l = added(next(&mut src).await);
-        assert_eq!(l.key, key("10.244.3.0-24"));
+        let l = next_added(&mut src).await;
+        assert_eq!(l.key, worker_key(3));
         assert_eq!(
             l.attrs.backend_data,
             Some(vxlan_data("0e:77:00:00:01:0d"))
@@ -643,14 +733,11 @@ fn peers_are_a_snapshot_then_watch_events() {
 
         // DELETED.
         c.api.delete_node("kube-worker-3");
-        assert_eq!(removed(next(&mut src).await), key("10.244.3.0-24"));
+        assert_eq!(next_removed(&mut src).await, worker_key(3));
 
         // Annotations removed (flannel uninstalled there): gone as a peer.
-        c.api.annotate(
-            "kube-worker-2",
-            &[(&format!("{P}kube-subnet-manager"), None)],
-        );
-        assert_eq!(removed(next(&mut src).await), key("10.244.2.0-24"));
+        c.set_annotation("kube-worker-2", "kube-subnet-manager", None);
+        assert_eq!(next_removed(&mut src).await, worker_key(2));
 
         quiet(&mut src, Duration::from_millis(300)).await;
         let reqs = c.api.requests();
@@ -677,16 +764,14 @@ fn watch_events_arrive_as_they_happen() {
     // end of the response) would sit on them.
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
+        let mut src = watching(&c).await;
         let mut slowest = Duration::ZERO;
         for i in 0..5u8 {
             let name = format!("kube-extra-{i}");
             let cidr = format!("10.244.{}.0/24", 100 + i);
             let t = Instant::now();
             c.api.put_node(&node(&name, &cidr, 100 + i, true));
-            let l = added(next(&mut src).await);
+            let l = next_added(&mut src).await;
             slowest = slowest.max(t.elapsed());
             assert_eq!(l.key, key(&cidr.replace('/', "-")));
         }
@@ -706,22 +791,16 @@ fn unannotated_nodes_are_not_peers() {
     // is no peer and no event; one that loses its annotations is removed.
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
-        c.api
-            .put_node(&node("kube-worker-4", "10.244.4.0/24", 14, false));
+        let mut src = watching(&c).await;
+        c.api.put_node(&worker(4, false));
         quiet(&mut src, Duration::from_millis(500)).await;
-        let mut bare = node("kube-worker-5", "10.244.5.0/24", 15, true);
+        let mut bare = worker(5, true);
         bare["spec"] = json!({});
         c.api.put_node(&bare);
         quiet(&mut src, Duration::from_millis(500)).await;
-        c.api
-            .put_node(&node("kube-worker-4", "10.244.4.0/24", 14, true));
-        assert_eq!(added(next(&mut src).await).key, key("10.244.4.0-24"));
-        c.api
-            .put_node(&node("kube-worker-4", "10.244.4.0/24", 14, false));
-        assert_eq!(removed(next(&mut src).await), key("10.244.4.0-24"));
+        add_worker(&c, &mut src, 4).await;
+        c.api.put_node(&worker(4, false));
+        assert_eq!(next_removed(&mut src).await, worker_key(4));
     });
 }
 
@@ -732,33 +811,25 @@ fn watch_expiry_relists_into_a_new_snapshot() {
     }
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        let first = snapshot(next(&mut src).await);
-        assert_eq!(summary(&first).len(), 1);
-        c.api.wait_open_watches(1, WAIT);
+        let mut src = watching(&c).await;
 
         // While the re-list is refused, nodes come and go: the new Snapshot has
         // them, although no event for them was ever seen.
         c.api.forbid(&[("GET", "^/api/v1/nodes$")]);
         let rv = c.api.expire();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        c.api
-            .put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
+        c.api.put_node(&worker(3, true));
         c.api.delete_node("kube-master");
         c.api.forbid(&[]);
         let leases = snapshot(next(&mut src).await);
-        assert_eq!(summary(&leases), [lease_of(13, "10.244.3.0-24")]);
+        assert_eq!(summary(&leases), [worker_lease(3)]);
 
         // And the watch goes on from the new list.
         c.api.wait_open_watches(1, WAIT);
-        c.api
-            .put_node(&node("kube-worker-4", "10.244.4.0/24", 14, true));
-        assert_eq!(added(next(&mut src).await).key, key("10.244.4.0-24"));
+        add_worker(&c, &mut src, 4).await;
 
         let reqs = c.api.requests();
-        let lists = reqs
-            .iter()
-            .filter(|r| r.path == "/api/v1/nodes" && !r.is_watch());
+        let lists = reqs.iter().filter(|r| is_node_list(r));
         let ok: Vec<_> = lists.filter(|r| r.status == Some(200)).collect();
         assert_eq!(ok.len(), 2, "{:#?}", c.api.request_lines());
         let watches: Vec<_> = reqs
@@ -782,13 +853,8 @@ fn a_closed_watch_resumes_where_it_was_without_a_snapshot() {
     }
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
-        let n3 = c
-            .api
-            .put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
-        added(next(&mut src).await);
+        let mut src = watching(&c).await;
+        let n3 = add_worker(&c, &mut src, 3).await;
         let seen = n3["metadata"]["resourceVersion"]
             .as_str()
             .unwrap()
@@ -797,21 +863,16 @@ fn a_closed_watch_resumes_where_it_was_without_a_snapshot() {
         // The server ends the watch (its timeoutSeconds); meanwhile a node goes.
         assert_eq!(c.api.close_watches(), 1);
         c.api.delete_node("kube-worker-3");
-        assert_eq!(removed(next(&mut src).await), key("10.244.3.0-24"));
+        assert_eq!(next_removed(&mut src).await, worker_key(3));
         c.api.wait_open_watches(1, WAIT);
 
         // Cut without a goodbye (no last chunk, no close_notify): same.
         assert_eq!(c.api.close_watches_abruptly(), 1);
-        c.api
-            .put_node(&node("kube-worker-4", "10.244.4.0/24", 14, true));
-        assert_eq!(added(next(&mut src).await).key, key("10.244.4.0-24"));
+        add_worker(&c, &mut src, 4).await;
         c.api.wait_open_watches(1, WAIT);
 
         let reqs = c.api.requests();
-        let lists = reqs
-            .iter()
-            .filter(|r| r.path == "/api/v1/nodes" && !r.is_watch())
-            .count();
+        let lists = reqs.iter().filter(|r| is_node_list(r)).count();
         assert_eq!(lists, 1, "{:#?}", c.api.request_lines());
         let from: Vec<&str> = reqs
             .iter()
@@ -833,9 +894,7 @@ fn a_bookmark_moves_the_resume_point() {
     }
     let c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
+        let mut src = watching(&c).await;
         let rv = c.api.bookmark();
         quiet(&mut src, Duration::from_millis(300)).await;
         c.api.close_watches();
@@ -856,15 +915,11 @@ fn close_delimited_watches_work_too() {
         ..Default::default()
     });
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
-        c.api
-            .put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
-        assert_eq!(added(next(&mut src).await).key, key("10.244.3.0-24"));
+        let mut src = watching(&c).await;
+        add_worker(&c, &mut src, 3).await;
         c.api.close_watches();
         c.api.delete_node("kube-worker-3");
-        assert_eq!(removed(next(&mut src).await), key("10.244.3.0-24"));
+        assert_eq!(next_removed(&mut src).await, worker_key(3));
     });
 }
 
@@ -875,16 +930,12 @@ fn an_api_server_restart_is_survived() {
     }
     let mut c = Cluster::start();
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
+        let mut src = watching(&c).await;
         c.api.stop();
         tokio::time::sleep(Duration::from_millis(500)).await;
         c.api.start_again();
         c.api.wait_open_watches(1, WAIT);
-        c.api
-            .put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
-        assert_eq!(added(next(&mut src).await).key, key("10.244.3.0-24"));
+        add_worker(&c, &mut src, 3).await;
     });
 }
 
@@ -924,12 +975,11 @@ fn a_forbidden_watch_is_retried_from_the_list_version() {
         let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
         let list_rv = c.api.resource_version();
         assert_eq!(snapshot(next(&mut src).await).len(), 1);
-        c.api
-            .put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
+        c.api.put_node(&worker(3, true));
         quiet(&mut src, Duration::from_millis(800)).await;
         c.api.forbid(&[]);
         // The change made meanwhile arrives as an event, no Snapshot.
-        assert_eq!(added(next(&mut src).await).key, key("10.244.3.0-24"));
+        assert_eq!(next_added(&mut src).await.key, worker_key(3));
         let reqs = c.api.requests();
         let refused: Vec<_> = reqs.iter().filter(|r| r.status == Some(403)).collect();
         assert!(refused.len() >= 2, "{:#?}", c.api.request_lines());
@@ -937,9 +987,7 @@ fn a_forbidden_watch_is_retried_from_the_list_version() {
             refused.iter().all(|r| r.is_watch()
                 && r.param("resourceVersion") == Some(list_rv.to_string().as_str()))
         );
-        let lists = reqs
-            .iter()
-            .filter(|r| r.path == "/api/v1/nodes" && !r.is_watch());
+        let lists = reqs.iter().filter(|r| is_node_list(r));
         assert_eq!(lists.count(), 1, "{:#?}", c.api.request_lines());
     });
 }
@@ -955,12 +1003,9 @@ fn host_gw_nodes_carry_backend_data_null_like_flanneld() {
     req.attrs.backend_type = "host-gw".into();
     req.attrs.backend_data = None;
     rt().block_on(async {
-        let mut src = connect(&c.opts("kube-worker-1"), conf).await;
-        let cfg = src.network_config().await.unwrap();
-        src.acquire(&cfg, &req).await.unwrap();
-        let a = c.api.annotations("kube-worker-1");
-        assert_eq!(a[&format!("{P}backend-type")], "host-gw");
-        assert_eq!(a[&format!("{P}backend-data")], "null");
+        let mut src = acquired(&c.opts("kube-worker-1"), conf, &req).await;
+        assert_eq!(c.annotation("kube-worker-1", "backend-type"), "host-gw");
+        assert_eq!(c.annotation("kube-worker-1", "backend-data"), "null");
         // As a peer: flanneld's RawMessage("null"), marshalled as null.
         let leases = snapshot(next(&mut src).await);
         assert_eq!(
@@ -985,18 +1030,16 @@ fn flanneld_ipv6_only_nodes_are_peers() {
     // and its nodeToLease reads only the v6 ones.
     let c = Cluster::start();
     let mut n = node("kube-v6", "fd44:0:0:7::/64", 17, false);
-    let a = n["metadata"]["annotations"].as_object_mut().unwrap();
-    for (k, v) in [
-        ("kube-subnet-manager", "true"),
-        ("backend-type", "vxlan"),
-        (
-            "backend-v6-data",
-            r#"{"VNI":1,"VtepMAC":"0e:77:00:00:06:17"}"#,
-        ),
-        ("public-ipv6", "fd00:56::17"),
-    ] {
-        a.insert(format!("{P}{k}"), json!(v));
-    }
+    let a = n["metadata"]["annotations"].take();
+    n["metadata"]["annotations"] = with_entries(
+        a,
+        &json!({
+            format!("{P}kube-subnet-manager"): "true",
+            format!("{P}backend-type"): "vxlan",
+            format!("{P}backend-v6-data"): r#"{"VNI":1,"VtepMAC":"0e:77:00:00:06:17"}"#,
+            format!("{P}public-ipv6"): "fd00:56::17",
+        }),
+    );
     c.api.put_node(&n);
     rt().block_on(async {
         let mut src = connect(&c.opts("kube-v6"), V6_NET_CONF).await;
@@ -1023,12 +1066,7 @@ fn a_dropped_source_stops_watching() {
         return;
     }
     let c = Cluster::start();
-    rt().block_on(async {
-        let mut src = connect(&c.opts("kube-master"), NET_CONF).await;
-        snapshot(next(&mut src).await);
-        c.api.wait_open_watches(1, WAIT);
-        drop(src);
-    });
+    rt().block_on(async { drop(watching(&c).await) });
     // The watch thread cannot notice at once (it blocks reading the watch), but
     // once that watch ends it must not start another one for nobody.
     c.api.clear_requests();
@@ -1049,15 +1087,9 @@ fn the_node_name_comes_from_the_pod() {
         return;
     }
     let c = Cluster::start();
-    let opts = KubeOptions {
-        node_name: None,
-        pod: Some(("kube-flannel".into(), "kube-flannel-ds-7xk2p".into())),
-        ..c.opts("")
-    };
-    let lease = rt()
-        .block_on(acquire_as(&opts, NET_CONF, &request(11)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.1.0-24"));
+    let opts = c.pod_opts("kube-flannel-ds-7xk2p");
+    let lease = acquire_as(&opts, NET_CONF, &request(11)).unwrap();
+    assert_eq!(lease.key, worker_key(1));
     assert_eq!(
         c.api.request_lines(),
         [
@@ -1071,10 +1103,8 @@ fn the_node_name_comes_from_the_pod() {
         node_name: Some(String::new()),
         ..opts
     };
-    let lease = rt()
-        .block_on(acquire_as(&opts, NET_CONF, &request(11)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.1.0-24"));
+    let lease = acquire_as(&opts, NET_CONF, &request(11)).unwrap();
+    assert_eq!(lease.key, worker_key(1));
 }
 
 #[test]
@@ -1083,12 +1113,8 @@ fn without_node_or_pod_name_connect_says_what_to_set() {
         return;
     }
     let c = Cluster::start();
-    let opts = KubeOptions {
-        node_name: None,
-        ..c.opts("")
-    };
     assert_eq!(
-        rt().block_on(connect_err(&opts)),
+        connect_err(&c.nameless()),
         LeaseError::Access(
             "the node name is unknown: set NODE_NAME (the DaemonSet passes it from spec.nodeName), or POD_NAME and POD_NAMESPACE"
                 .into()
@@ -1102,13 +1128,8 @@ fn a_missing_pod_is_a_store_error_with_the_api_message() {
         return;
     }
     let c = Cluster::start();
-    let opts = KubeOptions {
-        node_name: None,
-        pod: Some(("kube-flannel".into(), "nope".into())),
-        ..c.opts("")
-    };
     assert_eq!(
-        rt().block_on(connect_err(&opts)),
+        connect_err(&c.pod_opts("nope")),
         LeaseError::Store(
             r#"/api/v1/namespaces/kube-flannel/pods/nope: HTTP 404 Not Found: pods "nope" not found"#
                 .into()
@@ -1122,13 +1143,8 @@ fn an_unscheduled_pod_names_itself_in_the_error() {
         return;
     }
     let c = Cluster::start();
-    let opts = KubeOptions {
-        node_name: None,
-        pod: Some(("kube-flannel".into(), "kube-flannel-ds-pending".into())),
-        ..c.opts("")
-    };
     assert_eq!(
-        rt().block_on(connect_err(&opts)),
+        connect_err(&c.pod_opts("kube-flannel-ds-pending")),
         LeaseError::Store(
             "pod kube-flannel/kube-flannel-ds-pending has no spec.nodeName yet".into()
         )
@@ -1152,6 +1168,29 @@ fn b64_file(path: &Path) -> String {
     base64::encode(&std::fs::read(path).unwrap())
 }
 
+/// The kubeconfig user field with the token the server accepts.
+fn token_user() -> String {
+    format!("token: {DEFAULT_TOKEN}")
+}
+
+/// Kubeconfig user fields with a client certificate and its key inline.
+fn inline_cert_user(cert: &Path, key: &Path) -> String {
+    format!(
+        "client-certificate-data: {}\nclient-key-data: {}",
+        b64_file(cert),
+        b64_file(key)
+    )
+}
+
+/// A server that takes client certificates from its CA and nothing else.
+fn cert_auth() -> FakeApiOptions<'static> {
+    FakeApiOptions {
+        tokens: &[],
+        client_certs: ClientCerts::Required,
+        ..Default::default()
+    }
+}
+
 /// Acquire as kube-worker-1 with `kubeconfig` (and `api_url`); the result and the
 /// requests' `auth`.
 fn try_kubeconfig(
@@ -1161,16 +1200,14 @@ fn try_kubeconfig(
 ) -> (Result<Lease, LeaseError>, Vec<Option<String>>) {
     c.api.clear_requests();
     let opts = KubeOptions {
-        kubeconfig: Some(path.to_path_buf()),
         api_url,
-        ..c.opts("kube-worker-1")
+        ..c.kubeconfig_opts(path)
     };
     let r = rt().block_on(async {
         let mut src = KubeSource::connect(&opts, config(NET_CONF)).await?;
-        let cfg = src.network_config().await?;
-        src.acquire(&cfg, &request(11)).await
+        acquire(&mut src, &request(11)).await
     });
-    (r, c.api.requests().into_iter().map(|r| r.auth).collect())
+    (r, c.auths())
 }
 
 #[test]
@@ -1181,15 +1218,10 @@ fn kubeconfig_with_a_token_and_a_ca_file_relative_to_it() {
     let c = Cluster::start();
     std::fs::create_dir_all(c.dir.join("kube/pki")).unwrap();
     std::fs::copy(c.api.ca_path(), c.dir.join("kube/pki/ca.crt")).unwrap();
-    let path = c.kubeconfig_file(
-        "kube/config",
-        &kubeconfig(
-            &format!("certificate-authority: pki/ca.crt\nserver: {}", c.api.url()),
-            &format!("token: {DEFAULT_TOKEN}"),
-        ),
-    );
+    let cluster = format!("certificate-authority: pki/ca.crt\n{}", c.server());
+    let path = c.kubeadm_file("kube/config", &cluster, &token_user());
     let (r, auth) = try_kubeconfig(&c, &path, None);
-    assert_eq!(r.unwrap().key, key("10.244.1.0-24"));
+    assert_eq!(r.unwrap().key, worker_key(1));
     assert_eq!(auth, [Some("token".into()), Some("token".into())]);
 }
 
@@ -1200,30 +1232,14 @@ fn kubeconfig_with_a_token_file_read_on_every_call() {
     }
     let c = Cluster::start();
     std::fs::write(c.dir.join("token"), format!("{DEFAULT_TOKEN}\n")).unwrap();
-    let path = c.kubeconfig_file(
-        "tf/config",
-        &kubeconfig(
-            &format!(
-                "certificate-authority-data: {}\nserver: {}",
-                b64_file(c.api.ca_path()),
-                c.api.url()
-            ),
-            "tokenFile: ../token",
-        ),
-    );
-    let opts = KubeOptions {
-        kubeconfig: Some(path),
-        ..c.opts("kube-worker-1")
-    };
+    let path = c.kubeadm_file("tf/config", &c.trusted_cluster(), "tokenFile: ../token");
     rt().block_on(async {
-        let mut src = connect(&opts, NET_CONF).await;
-        let cfg = src.network_config().await.unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
+        let mut src = acquired(&c.kubeconfig_opts(&path), NET_CONF, &request(11)).await;
         // The token rotates (projected service-account tokens do).
         c.api.set_tokens(&["rotated-token"]);
-        assert!(src.acquire(&cfg, &request(11)).await.is_err());
+        assert!(acquire(&mut src, &request(11)).await.is_err());
         std::fs::write(c.dir.join("token"), "rotated-token\n").unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
+        acquire(&mut src, &request(11)).await.unwrap();
     });
 }
 
@@ -1232,29 +1248,12 @@ fn kubeconfig_with_inline_client_certificate_data() {
     if !require_root() {
         return;
     }
-    let c = Cluster::with(FakeApiOptions {
-        tokens: &[],
-        client_certs: ClientCerts::Required,
-        ..Default::default()
-    });
-    let cluster = format!(
-        "certificate-authority-data: {}\nserver: {}",
-        b64_file(c.api.ca_path()),
-        c.api.url()
-    );
-    let path = c.kubeconfig_file(
-        "inline",
-        &kubeconfig(
-            &cluster,
-            &format!(
-                "client-certificate-data: {}\nclient-key-data: {}",
-                b64_file(c.api.client_cert_path()),
-                b64_file(c.api.client_key_path())
-            ),
-        ),
-    );
+    let c = Cluster::with(cert_auth());
+    let cluster = c.trusted_cluster();
+    let user = inline_cert_user(c.api.client_cert_path(), c.api.client_key_path());
+    let path = c.kubeadm_file("inline", &cluster, &user);
     let (r, auth) = try_kubeconfig(&c, &path, None);
-    assert_eq!(r.unwrap().key, key("10.244.1.0-24"));
+    assert_eq!(r.unwrap().key, worker_key(1));
     assert_eq!(
         auth,
         [Some("cert:weft-test".into()), Some("cert:weft-test".into())]
@@ -1270,13 +1269,8 @@ fn kubeconfig_with_inline_client_certificate_data() {
         let (cert, key_path) = c.api.certs().extra_client(name, name, format);
         std::fs::copy(&cert, c.dir.join(format!("{name}.crt"))).unwrap();
         std::fs::copy(&key_path, c.dir.join(format!("{name}.key"))).unwrap();
-        let path = c.kubeconfig_file(
-            &format!("{name}.conf"),
-            &kubeconfig(
-                &cluster,
-                &format!("client-certificate: {name}.crt\nclient-key: {name}.key"),
-            ),
-        );
+        let user = format!("client-certificate: {name}.crt\nclient-key: {name}.key");
+        let path = c.kubeadm_file(&format!("{name}.conf"), &cluster, &user);
         let (r, auth) = try_kubeconfig(&c, &path, None);
         assert!(r.is_ok(), "{name}: {r:?}");
         assert_eq!(auth[0].as_deref(), Some(format!("cert:{name}").as_str()));
@@ -1306,30 +1300,21 @@ fn untrusted_or_missing_client_certificates_fail_the_handshake() {
     if !require_root() {
         return;
     }
-    let c = Cluster::with(FakeApiOptions {
-        tokens: &[],
-        client_certs: ClientCerts::Required,
-        ..Default::default()
-    });
-    let rogue = c.kubeconfig_file(
-        "rogue",
-        &c.api.kubeconfig(&format!(
-            "client-certificate-data: {}\nclient-key-data: {}",
-            b64_file(c.api.rogue_client_cert_path()),
-            b64_file(c.api.rogue_client_key_path())
-        )),
+    let c = Cluster::with(cert_auth());
+    let user = inline_cert_user(
+        c.api.rogue_client_cert_path(),
+        c.api.rogue_client_key_path(),
     );
+    let rogue = c.kubeconfig_file("rogue", &c.api.kubeconfig(&user));
     let none = c.kubeconfig_file("none", &c.api.kubeconfig("{}"));
     for path in [rogue, none] {
         let before = c.api.tls_failures().len();
         let (r, auth) = try_kubeconfig(&c, &path, None);
-        match r {
-            Err(LeaseError::Store(m)) => assert!(
-                m.starts_with("calling the API server (/api/v1/nodes/kube-worker-1): "),
-                "{m}"
-            ),
-            other => panic!("{}: {other:?}", path.display()),
-        }
+        assert!(
+            store_message(&r).is_some_and(|m| m.starts_with(UNREACHABLE)),
+            "{}: {r:?}",
+            path.display()
+        );
         assert_eq!(auth, Vec::<Option<String>>::new(), "no request got through");
         assert!(c.api.tls_failures().len() > before);
     }
@@ -1341,47 +1326,28 @@ fn kubeconfig_insecure_skip_tls_verify_and_api_url_override() {
         return;
     }
     let c = Cluster::start();
-    let insecure = c.kubeconfig_file(
-        "insecure",
-        &kubeconfig(
-            &format!("insecure-skip-tls-verify: true\nserver: {}", c.api.url()),
-            &format!("token: {DEFAULT_TOKEN}"),
-        ),
-    );
+    let cluster = format!("insecure-skip-tls-verify: true\n{}", c.server());
+    let insecure = c.kubeadm_file("insecure", &cluster, &token_user());
     let (r, _) = try_kubeconfig(&c, &insecure, None);
     assert!(r.is_ok(), "{r:?}");
 
     // --kube-api-url wins over the kubeconfig's server; CA and token still apply.
-    let elsewhere = c.kubeconfig_file(
-        "elsewhere",
-        &kubeconfig(
-            &format!(
-                "certificate-authority-data: {}\nserver: https://127.0.0.1:1",
-                b64_file(c.api.ca_path())
-            ),
-            &format!("token: {DEFAULT_TOKEN}"),
-        ),
-    );
+    let cluster = format!("{}\nserver: https://127.0.0.1:1", c.ca_data());
+    let elsewhere = c.kubeadm_file("elsewhere", &cluster, &token_user());
     let (r, auth) = try_kubeconfig(&c, &elsewhere, Some(c.api.url()));
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(auth[0].as_deref(), Some("token"));
     let (r, _) = try_kubeconfig(&c, &elsewhere, None);
     assert!(
-        matches!(&r, Err(LeaseError::Store(m)) if m.starts_with("calling the API server (/api/v1/nodes/kube-worker-1): ")),
+        store_message(&r).is_some_and(|m| m.starts_with(UNREACHABLE)),
         "{r:?}"
     );
 
     // Without a CA the server's certificate is not trusted.
-    let no_ca = c.kubeconfig_file(
-        "no-ca",
-        &kubeconfig(
-            &format!("server: {}", c.api.url()),
-            &format!("token: {DEFAULT_TOKEN}"),
-        ),
-    );
+    let no_ca = c.kubeadm_file("no-ca", &c.server(), &token_user());
     let (r, auth) = try_kubeconfig(&c, &no_ca, None);
     assert!(
-        matches!(&r, Err(LeaseError::Store(m)) if m.contains("UnknownIssuer")),
+        store_message(&r).is_some_and(|m| m.contains("UnknownIssuer")),
         "{r:?}"
     );
     assert!(auth.is_empty());
@@ -1423,10 +1389,8 @@ fn api_url_alone_talks_plain_http_anonymously() {
         node_name: Some("kube-worker-1".into()),
         ..Default::default()
     };
-    let lease = rt()
-        .block_on(acquire_as(&opts, NET_CONF, &request(11)))
-        .unwrap();
-    assert_eq!(lease.key, key("10.244.1.0-24"));
+    let lease = acquire_as(&opts, NET_CONF, &request(11)).unwrap();
+    assert_eq!(lease.key, worker_key(1));
     let reqs = c.api.requests();
     assert_eq!(reqs.len(), 2);
     assert!(
@@ -1441,19 +1405,13 @@ fn kubeconfig_errors_say_what_is_wrong() {
         return;
     }
     let c = Cluster::start();
-    let server = format!("server: {}", c.api.url());
-    let ca = format!("certificate-authority-data: {}", b64_file(c.api.ca_path()));
-    let good_cluster = format!("{ca}\n{server}");
-    let token = format!("token: {DEFAULT_TOKEN}");
+    let (server, ca, token) = (c.server(), c.ca_data(), token_user());
+    let good_cluster = c.trusted_cluster();
     let err = |name: &str, text: &str| -> (String, LeaseError) {
         let path = c.kubeconfig_file(name, text);
-        let opts = KubeOptions {
-            kubeconfig: Some(path.clone()),
-            ..c.opts("kube-worker-1")
-        };
         (
             path.display().to_string(),
-            rt().block_on(connect_err(&opts)),
+            connect_err(&c.kubeconfig_opts(&path)),
         )
     };
     let access_msg = |e: LeaseError| match e {
@@ -1469,12 +1427,8 @@ fn kubeconfig_errors_say_what_is_wrong() {
     );
 
     let missing = c.dir.join("does-not-exist");
-    let opts = KubeOptions {
-        kubeconfig: Some(missing.clone()),
-        ..c.opts("kube-worker-1")
-    };
     assert_eq!(
-        rt().block_on(connect_err(&opts)),
+        connect_err(&c.kubeconfig_opts(&missing)),
         LeaseError::Access(format!(
             "reading the kubeconfig {}: No such file or directory (os error 2)",
             missing.display()
@@ -1606,6 +1560,18 @@ const ENV_VARS: [&str; 3] = [
     SERVICE_ACCOUNT_DIR_ENV,
 ];
 
+/// Set (`Some`) or unset (`None`) the variable `key`. Callers hold ENV_LOCK.
+fn set_env(key: &str, value: Option<&OsStr>) {
+    // SAFETY: ENV_LOCK serialises the tests that touch the environment; the
+    // others in this binary do not read these variables.
+    unsafe {
+        match value {
+            Some(v) => std::env::set_var(key, v),
+            None => std::env::remove_var(key),
+        }
+    }
+}
+
 impl EnvGuard {
     fn take() -> EnvGuard {
         let lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -1615,16 +1581,13 @@ impl EnvGuard {
 
     /// Set (`Some`) or unset (`None`) the in-cluster variables: host, port, dir.
     fn set(&self, host: Option<&str>, port: Option<&str>, dir: Option<&Path>) {
-        let dir = dir.map(|d| d.display().to_string());
-        for (k, v) in ENV_VARS.iter().zip([host, port, dir.as_deref()]) {
-            // SAFETY: ENV_LOCK serialises the tests that touch the environment; the
-            // others in this binary do not read these variables.
-            unsafe {
-                match v {
-                    Some(v) => std::env::set_var(k, v),
-                    None => std::env::remove_var(k),
-                }
-            }
+        let values = [
+            host.map(OsStr::new),
+            port.map(OsStr::new),
+            dir.map(Path::as_os_str),
+        ];
+        for (k, v) in ENV_VARS.iter().zip(values) {
+            set_env(k, v);
         }
     }
 }
@@ -1632,13 +1595,7 @@ impl EnvGuard {
 impl Drop for EnvGuard {
     fn drop(&mut self) {
         for (k, v) in &self.saved {
-            // SAFETY: as in `set`.
-            unsafe {
-                match v {
-                    Some(v) => std::env::set_var(k, v),
-                    None => std::env::remove_var(k),
-                }
-            }
+            set_env(k, v.as_deref());
         }
     }
 }
@@ -1662,34 +1619,33 @@ fn service_account_dir(c: &Cluster, token: &str) -> PathBuf {
     dir
 }
 
+/// Connect on `rt` as kube-worker-1 with the in-cluster config: the service at
+/// `host` and the fake server's port, a service account with the accepted token.
+fn connect_in_cluster(rt: &Runtime, c: &Cluster, host: &str) -> (KubeSource, PathBuf) {
+    let sa = service_account_dir(c, DEFAULT_TOKEN);
+    let env = EnvGuard::take();
+    env.set(Some(host), Some(&c.api.port().to_string()), Some(&sa));
+    let src = rt.block_on(connect(&in_cluster("kube-worker-1"), NET_CONF));
+    (src, sa)
+}
+
 #[test]
 fn in_cluster_config_uses_the_service_account_mount() {
     if !require_root() {
         return;
     }
     let c = Cluster::start();
-    let sa = service_account_dir(&c, DEFAULT_TOKEN);
     let rt = rt();
-    let mut src = {
-        let env = EnvGuard::take();
-        env.set(
-            Some("127.0.0.1"),
-            Some(&c.api.port().to_string()),
-            Some(&sa),
-        );
-        rt.block_on(connect(&in_cluster("kube-worker-1"), NET_CONF))
-    };
+    let (mut src, sa) = connect_in_cluster(&rt, &c, "127.0.0.1");
     rt.block_on(async {
-        let cfg = src.network_config().await.unwrap();
-        let lease = src.acquire(&cfg, &request(11)).await.unwrap();
-        assert_eq!(lease.key, key("10.244.1.0-24"));
+        let lease = acquire(&mut src, &request(11)).await.unwrap();
+        assert_eq!(lease.key, worker_key(1));
         // The kubelet rotates the projected token; the next call reads the new one.
         c.api.set_tokens(&["rotated"]);
         std::fs::write(sa.join("token"), "rotated").unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
+        acquire(&mut src, &request(11)).await.unwrap();
     });
-    let auth: Vec<_> = c.api.requests().into_iter().map(|r| r.auth).collect();
-    assert_eq!(auth, vec![Some("token".to_string()); 3]);
+    assert_eq!(c.auths(), vec![Some("token".to_string()); 3]);
 }
 
 #[test]
@@ -1702,18 +1658,9 @@ fn in_cluster_config_with_an_ipv6_service_address() {
         ..Default::default()
     });
     assert!(c.api.url().starts_with("https://[::1]:"), "{}", c.api.url());
-    let sa = service_account_dir(&c, DEFAULT_TOKEN);
     let rt = rt();
-    let opts = in_cluster("kube-worker-1");
-    let mut src = {
-        let env = EnvGuard::take();
-        env.set(Some("::1"), Some(&c.api.port().to_string()), Some(&sa));
-        rt.block_on(connect(&opts, NET_CONF))
-    };
-    rt.block_on(async {
-        let cfg = src.network_config().await.unwrap();
-        src.acquire(&cfg, &request(11)).await.unwrap();
-    });
+    let (mut src, _) = connect_in_cluster(&rt, &c, "::1");
+    rt.block_on(acquire(&mut src, &request(11))).unwrap();
 }
 
 #[test]
@@ -1723,7 +1670,6 @@ fn in_cluster_config_names_every_missing_piece_and_the_fix() {
     }
     let c = Cluster::start();
     let port = c.api.port().to_string();
-    let rt = rt();
     let opts = in_cluster("kube-worker-1");
     let env = EnvGuard::take();
     let not_in_pod = LeaseError::Access(
@@ -1739,11 +1685,7 @@ fn in_cluster_config_names_every_missing_piece_and_the_fix() {
         (Some("127.0.0.1"), Some("")),
     ] {
         env.set(host, port, Some(&sa));
-        assert_eq!(
-            rt.block_on(connect_err(&opts)),
-            not_in_pod,
-            "{host:?} {port:?}"
-        );
+        assert_eq!(connect_err(&opts), not_in_pod, "{host:?} {port:?}");
     }
 
     let missing = |what: &str, path: &Path| {
@@ -1757,26 +1699,26 @@ fn in_cluster_config_names_every_missing_piece_and_the_fix() {
     std::fs::create_dir_all(&empty).unwrap();
     env.set(Some("127.0.0.1"), Some(&port), Some(&empty));
     assert_eq!(
-        rt.block_on(connect_err(&opts)),
+        connect_err(&opts),
         missing("service-account token", &empty.join("token"))
     );
     // A token, no CA.
     std::fs::write(empty.join("token"), DEFAULT_TOKEN).unwrap();
     assert_eq!(
-        rt.block_on(connect_err(&opts)),
+        connect_err(&opts),
         missing("service-account CA certificate", &empty.join("ca.crt"))
     );
     // A CA that is not one.
     std::fs::write(empty.join("ca.crt"), "-----BEGIN NOTHING-----\n").unwrap();
     assert_eq!(
-        rt.block_on(connect_err(&opts)),
+        connect_err(&opts),
         LeaseError::Access("the API server CA holds no PEM certificate".into())
     );
     // Without WEFT_SERVICEACCOUNT_DIR: the kubelet's mount point.
     if !Path::new(SERVICE_ACCOUNT_DIR).join("token").exists() {
         env.set(Some("127.0.0.1"), Some(&port), None);
         assert_eq!(
-            rt.block_on(connect_err(&opts)),
+            connect_err(&opts),
             missing(
                 "service-account token",
                 &Path::new(SERVICE_ACCOUNT_DIR).join("token")
@@ -1795,27 +1737,15 @@ fn credential_errors_do_not_blame_the_network_config() {
     // "invalid network config: …", which sends an operator to net-conf.json for a
     // problem with the service account, the kubeconfig or NODE_NAME.
     let c = Cluster::start();
-    let rt = rt();
     let mut shown = Vec::new();
     {
         let env = EnvGuard::take();
         env.set(None, None, None);
-        shown.push(
-            rt.block_on(connect_err(&in_cluster("kube-worker-1")))
-                .to_string(),
-        );
+        shown.push(connect_err(&in_cluster("kube-worker-1")).to_string());
     }
-    let opts = KubeOptions {
-        node_name: None,
-        ..c.opts("")
-    };
-    shown.push(rt.block_on(connect_err(&opts)).to_string());
+    shown.push(connect_err(&c.nameless()).to_string());
     let path = c.kubeconfig_file("no-current", "apiVersion: v1\nkind: Config\n");
-    let opts = KubeOptions {
-        kubeconfig: Some(path),
-        ..c.opts("kube-worker-1")
-    };
-    shown.push(rt.block_on(connect_err(&opts)).to_string());
+    shown.push(connect_err(&c.kubeconfig_opts(&path)).to_string());
     for s in &shown {
         assert!(!s.starts_with("invalid network config"), "{s}");
     }
@@ -1965,7 +1895,7 @@ fn fake_apiserver_watch_stream_is_line_delimited_events() {
     };
     let t = watch(url.clone(), "8");
     api.wait_open_watches(1, WAIT);
-    api.put_node(&node("kube-worker-3", "10.244.3.0/24", 13, true));
+    api.put_node(&worker(3, true));
     api.annotate("kube-worker-3", &[("x", Some("y"))]);
     api.delete_node("kube-worker-3");
     api.bookmark();
@@ -2007,35 +1937,18 @@ fn fake_apiserver_client_certificate_auth() {
     if !require_root() {
         return;
     }
-    let api = FakeApiServer::start(FakeApiOptions {
-        tokens: &[],
-        client_certs: ClientCerts::Required,
-        ..Default::default()
-    });
+    let api = FakeApiServer::start(cert_auth());
     let url = format!("{}/api/v1/nodes/kube-master", api.url());
     let ca = api.ca_path().display().to_string();
-    let p = |p: &Path| p.display().to_string();
-    let ok = api.curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &p(api.client_cert_path()),
-        "--key",
-        &p(api.client_key_path()),
-        &url,
-    ]);
+    let with_cert = |cert: &Path, key: &Path| {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        api.curl(&["--cacert", &ca, "--cert", &cert, "--key", &key, &url])
+    };
+    let ok = with_cert(api.client_cert_path(), api.client_key_path());
     assert!(ok.status.success(), "{ok:?}");
     let node: Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(node["metadata"]["name"], "kube-master");
-    let rogue = api.curl(&[
-        "--cacert",
-        &ca,
-        "--cert",
-        &p(api.rogue_client_cert_path()),
-        "--key",
-        &p(api.rogue_client_key_path()),
-        &url,
-    ]);
+    let rogue = with_cert(api.rogue_client_cert_path(), api.rogue_client_key_path());
     assert!(!rogue.status.success(), "{rogue:?}");
     let none = api.curl(&["--cacert", &ca, &url]);
     assert!(!none.status.success(), "{none:?}");

@@ -5,17 +5,20 @@
 //! is a netns whose `eth0` (10.77.0.i/24, MTU 1500) is a veth into the underlay,
 //! where all nodes' veths share one bridge (br0, which holds 10.77.0.100/24). weftd
 //! runs inside a node netns (`nsenter --net`) with its health server on
-//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too.
+//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too. In
+//! Kubernetes mode (`--kube-subnet-mgr`) there is no etcd: the fake API server of
+//! `netns_tests::kube_api` runs in the node netns, on 10.99.0.1 (on its `lo`).
 
 use netns_tests::etcd::{EtcdCluster, EtcdOptions};
-use netns_tests::{TempDir, TestNetns, require_root};
+use netns_tests::kube_api::{DEFAULT_TOKEN, FakeApiOptions, FakeApiServer, recorded_node};
+use netns_tests::{TempDir, TestNetns, die_with_thread, netns_command, require_root};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use weft_core::lease::kube::SERVICE_ACCOUNT_DIR_ENV;
 
 const ETCD_IP: &str = "10.77.0.100";
 const ENDPOINT: &str = "http://10.77.0.100:2379";
@@ -24,6 +27,19 @@ const CONFIG_KEY: &str = "/coreos.com/network/config";
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// What weftd's Kubernetes mode reads from the environment besides FLANNELD_*.
+const KUBE_ENV: [&str; 6] = [
+    "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+    SERVICE_ACCOUNT_DIR_ENV,
+    "NODE_NAME",
+    "POD_NAME",
+    "POD_NAMESPACE",
+];
+/// The fake Kubernetes API server's address, on the node's `lo`.
+const KUBE_API_IP: &str = "10.99.0.1";
+/// flanneld's default annotation prefix.
+const ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com/";
 /// How long weftd may take to become ready (etcd is local; this is slack only).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a process may take to exit on its own or after SIGTERM.
@@ -114,6 +130,14 @@ impl Cluster {
         c
     }
 
+    /// One node and no etcd at all (the endpoint leads nowhere), `net_conf` its
+    /// net-conf.json: the cluster and that file's path, for --net-config-path.
+    fn storeless(net_conf: &str) -> (Cluster, String) {
+        let c = Cluster::build(1, None);
+        let conf = c.node(1).net_conf(net_conf);
+        (c, conf)
+    }
+
     fn etcd(&self) -> &EtcdCluster {
         self.etcd.as_ref().expect("this cluster has etcd")
     }
@@ -176,6 +200,37 @@ impl Node {
         Weftd::spawn(self, &self.args(extra), &[])
     }
 
+    /// Start weftd with the usual arguments plus `extra` and wait until it is
+    /// ready.
+    fn ready_weftd(&self, extra: &[&str]) -> Weftd {
+        let mut weftd = self.weftd(extra);
+        self.wait_ready(&mut weftd);
+        weftd
+    }
+
+    /// Start weftd with the fixed subnet 10.244.7.0/24 (`--pod-cidr`) and the
+    /// net-conf.json `conf`, and wait until it is ready.
+    fn pod_cidr_weftd(&self, conf: &str) -> Weftd {
+        self.ready_weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", conf])
+    }
+
+    /// A fake Kubernetes API server (the recorded nodes) in this node's netns,
+    /// listening on [`KUBE_API_IP`], which goes on `lo`, and a token kubeconfig
+    /// for it: the server and the kubeconfig's path. Drop the server first.
+    fn kube_api(&self) -> (FakeApiServer, String) {
+        let addr = format!("{KUBE_API_IP}/32");
+        self.ns.exec_ok(&["ip", "addr", "add", &addr, "dev", "lo"]);
+        let api = FakeApiServer::start(FakeApiOptions {
+            netns: Some(&self.ns),
+            ip: KUBE_API_IP,
+            ..Default::default()
+        });
+        let path = self.dir.join("kubeconfig");
+        std::fs::write(&path, api.kubeconfig(&format!("token: {DEFAULT_TOKEN}")))
+            .expect("writing the kubeconfig");
+        (api, path.display().to_string())
+    }
+
     /// GET `path` from weftd's health server: (HTTP status, body); status 0 when
     /// curl could not connect (body: curl's error).
     fn http(&self, path: &str) -> (u16, String) {
@@ -208,6 +263,15 @@ impl Node {
         body
     }
 
+    /// Wait until /metrics has sample `name` at `value` (within `timeout`); the
+    /// exposition that had it.
+    fn wait_metric(&self, name: &str, value: &str, timeout: Duration) -> String {
+        wait_for(&format!("{name} {value} in /metrics"), timeout, || {
+            let m = self.metrics();
+            (metric(&m, name).as_deref() == Some(value)).then_some(m)
+        })
+    }
+
     /// Wait until /readyz says 200; panics (with weftd's log) if it exits first.
     fn wait_ready(&self, weftd: &mut Weftd) {
         wait_for("weftd to become ready (/readyz 200)", READY_TIMEOUT, || {
@@ -231,6 +295,22 @@ impl Node {
             "the first host of the subnet: {env}"
         );
         format!("{}.0/{len}", octets.join("."))
+    }
+
+    /// The MAC of weftd's VTEP in this node (`flannel.1`, vxlan's VNI 1).
+    fn vtep_mac(&self) -> String {
+        let link = self
+            .ns
+            .exec_json(&["ip", "-j", "link", "show", "dev", "flannel.1"]);
+        link[0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("flannel.1 has no MAC: {link}"))
+            .to_string()
+    }
+
+    /// This node's vxlan lease value: its address and its VTEP's MAC.
+    fn lease_value(&self) -> String {
+        lease_value(&self.ip, &self.vtep_mac())
     }
 
     fn nft(&self, args: &[&str]) -> String {
@@ -260,8 +340,11 @@ fn lease_key(subnet: &str) -> String {
     format!("{SUBNETS}{}", subnet.replace('/', "-"))
 }
 
-fn lease_value(public_ip: &str) -> String {
-    format!(r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan"}}"#)
+/// A vxlan lease value as flanneld writes it: the public IP and the VTEP's MAC.
+fn lease_value(public_ip: &str, vtep_mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+    )
 }
 
 /// The etcd lease `key` is attached to: Some(0) for none, None when the key is absent.
@@ -311,9 +394,10 @@ struct Weftd {
 }
 
 impl Weftd {
-    /// `nsenter --net=<node> weftd args...`, with `env` set and no FLANNELD_* or
-    /// WEFT_LOG variables of the developer's. nsenter execs weftd (no --pid/--fork),
-    /// so the child is weftd itself and dies with this thread (PR_SET_PDEATHSIG).
+    /// `nsenter --net=<node> weftd args...`, with `env` set and no FLANNELD_*,
+    /// [`KUBE_ENV`] or WEFT_LOG variables of the developer's (or of a CI pod's).
+    /// nsenter execs weftd (no --pid/--fork), so the child is weftd itself and dies
+    /// with this thread ([`die_with_thread`]).
     fn spawn(node: &Node, args: &[String], env: &[(&str, &str)]) -> Weftd {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let bin = netns_tests::bin_dir().join("weftd");
@@ -327,14 +411,11 @@ impl Weftd {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let file = std::fs::File::create(&log).expect("creating the weftd log");
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", node.ns.path().display()))
-            .arg("--")
-            .arg(&bin)
-            .args(args);
+        let mut cmd = netns_command(Some(node.ns.path()), &bin);
+        cmd.args(args);
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
-            if k.starts_with("FLANNELD_") || k == "WEFT_LOG" {
+            if k.starts_with("FLANNELD_") || KUBE_ENV.contains(&&*k) || k == "WEFT_LOG" {
                 cmd.env_remove(&key);
             }
         }
@@ -342,20 +423,9 @@ impl Weftd {
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawning nsenter weftd");
+        let child = die_with_thread(&mut cmd)
+            .spawn()
+            .expect("spawning nsenter weftd");
         Weftd {
             child,
             exited: None,
@@ -448,8 +518,7 @@ fn writes_subnet_env_and_lease_like_flanneld() {
     }
     let c = Cluster::new(1);
     let node = c.node(1);
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&[]);
 
     let subnet = node.leased_subnet();
     assert!(
@@ -475,7 +544,7 @@ fn writes_subnet_env_and_lease_like_flanneld() {
     assert_eq!(names, ["subnet.env"]);
 
     let key = lease_key(&subnet);
-    assert_eq!(c.leases(), [(key.clone(), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(key.clone(), node.lease_value())]);
     let id = key_lease(c.etcd(), &key).unwrap();
     assert_ne!(id, 0, "the key is attached to an etcd lease");
     assert_eq!(c.etcd().lease_list(), [id]);
@@ -504,8 +573,7 @@ fn restart_keeps_the_subnet_and_leaks_no_lease() {
     }
     let c = Cluster::new(1);
     let node = c.node(1);
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&[]);
     let subnet = node.leased_subnet();
     let key = lease_key(&subnet);
     let id = key_lease(c.etcd(), &key).unwrap();
@@ -524,11 +592,10 @@ fn restart_keeps_the_subnet_and_leaks_no_lease() {
     drop(weftd);
 
     // Restart: same subnet, same etcd lease, still one lease in all.
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&[]);
     assert_eq!(node.leased_subnet(), subnet);
     assert_eq!(node.subnet_env().as_deref(), Some(env.as_str()));
-    assert_eq!(c.leases(), [(key.clone(), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(key.clone(), node.lease_value())]);
     assert_eq!(
         key_lease(c.etcd(), &key),
         Some(id),
@@ -543,11 +610,10 @@ fn restart_keeps_the_subnet_and_leaks_no_lease() {
     // Everything forgotten (subnet.env and the key): any subnet will do.
     std::fs::remove_file(node.subnet_file()).unwrap();
     assert!(c.etcd().delete(&key));
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&[]);
     let fresh = node.leased_subnet();
     let fresh_key = lease_key(&fresh);
-    assert_eq!(c.leases(), [(fresh_key.clone(), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(fresh_key.clone(), node.lease_value())]);
     assert_eq!(weftd.terminate().code(), Some(0));
     drop(weftd);
 
@@ -565,10 +631,9 @@ fn restart_keeps_the_subnet_and_leaks_no_lease() {
     )
     .unwrap();
     assert!(c.etcd().delete(&fresh_key));
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let _weftd = node.ready_weftd(&[]);
     assert_eq!(node.leased_subnet(), wanted);
-    assert_eq!(c.leases(), [(lease_key(wanted), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(lease_key(wanted), node.lease_value())]);
 }
 
 #[test]
@@ -585,16 +650,14 @@ fn two_nodes_get_distinct_subnets_and_see_each_other() {
     let (s1, s2) = (n1.leased_subnet(), n2.leased_subnet());
     assert_ne!(s1, s2);
     let mut want = vec![
-        (lease_key(&s1), lease_value("10.77.0.1")),
-        (lease_key(&s2), lease_value("10.77.0.2")),
+        (lease_key(&s1), n1.lease_value()),
+        (lease_key(&s2), n2.lease_value()),
     ];
     want.sort();
     assert_eq!(c.leases(), want);
     assert_eq!(c.etcd().lease_list().len(), 2);
     for node in [n1, n2] {
-        wait_for("weft_peers 1", READY_TIMEOUT, || {
-            (metric(&node.metrics(), "weft_peers").as_deref() == Some("1")).then_some(())
-        });
+        node.wait_metric("weft_peers", "1", READY_TIMEOUT);
     }
 
     // A node that stops keeps its lease, so the other still counts it as a peer.
@@ -610,8 +673,7 @@ fn a_deleted_lease_is_noticed_and_recreated() {
     }
     let c = Cluster::new(1);
     let node = c.node(1);
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&[]);
     let subnet = node.leased_subnet();
     let key = lease_key(&subnet);
     let env = node.subnet_env().unwrap();
@@ -623,19 +685,16 @@ fn a_deleted_lease_is_noticed_and_recreated() {
         Duration::from_secs(10),
         || c.etcd().get(&key),
     );
-    assert_eq!(value, lease_value("10.77.0.1"));
+    assert_eq!(value, node.lease_value());
     // flanneld exits here ("Lease has been revoked"); weftd keeps running.
     weftd.assert_running();
-    assert_eq!(c.leases(), [(key.clone(), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(key.clone(), node.lease_value())]);
     let new_id = key_lease(c.etcd(), &key).unwrap();
     assert_ne!(new_id, 0, "the re-created key has a TTL again");
     let (ttl, keys) = c.etcd().lease_ttl(new_id);
     assert!((86_000..=86_400).contains(&ttl), "TTL {ttl}");
     assert_eq!(keys, std::slice::from_ref(&key));
-    let m = wait_for("weft_lease_acquisitions_total 2", READY_TIMEOUT, || {
-        let m = node.metrics();
-        (metric(&m, "weft_lease_acquisitions_total").as_deref() == Some("2")).then_some(m)
-    });
+    let m = node.wait_metric("weft_lease_acquisitions_total", "2", READY_TIMEOUT);
     assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("1"), "{m}");
     assert_eq!(metric(&m, "weft_ready").as_deref(), Some("1"), "{m}");
     assert_eq!(node.subnet_env().as_deref(), Some(env.as_str()));
@@ -653,12 +712,9 @@ fn a_deleted_lease_is_noticed_and_recreated() {
         || key_lease(c.etcd(), &key).filter(|&id| id != revoked_id),
     );
     assert_ne!(new_id, 0);
-    assert_eq!(c.etcd().get(&key), Some(lease_value("10.77.0.1")));
+    assert_eq!(c.etcd().get(&key), Some(node.lease_value()));
     weftd.assert_running();
-    wait_for("weft_lease_acquisitions_total 3", READY_TIMEOUT, || {
-        (metric(&node.metrics(), "weft_lease_acquisitions_total").as_deref() == Some("3"))
-            .then_some(())
-    });
+    node.wait_metric("weft_lease_acquisitions_total", "3", READY_TIMEOUT);
     assert_eq!(node.subnet_env().as_deref(), Some(env.as_str()));
 
     // BUG (reported): deleting the key does not revoke its etcd lease, and weftd,
@@ -707,8 +763,7 @@ fn ip_masq_rules_are_installed_and_repaired() {
     }
     let c = Cluster::new(1);
     let node = c.node(1);
-    let mut weftd = node.weftd(&["--ip-masq", "--iptables-resync=1"]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.ready_weftd(&["--ip-masq", "--iptables-resync=1"]);
     let subnet = node.leased_subnet();
     assert_eq!(
         node.subnet_env().unwrap(),
@@ -768,16 +823,14 @@ fn ip_masq_rules_are_installed_and_repaired() {
 
     // Started again without --ip-masq (forward rules stay on by default): the
     // postrtg chain goes, the forward chain stays.
-    let mut weftd = node.weftd(&[]);
-    node.wait_ready(&mut weftd);
+    let weftd = node.ready_weftd(&[]);
     let t = table();
     assert!(!t.contains("chain postrtg"), "{t}");
     assert!(t.contains("chain forward"), "{t}");
     drop(weftd);
 
     // Neither masquerade nor forward rules: the table is removed.
-    let mut weftd = node.weftd(&["--iptables-forward-rules=false"]);
-    node.wait_ready(&mut weftd);
+    let _weftd = node.ready_weftd(&["--iptables-forward-rules=false"]);
     assert!(!node.has_weft_table(), "{}", node.nft(&["list", "ruleset"]));
 }
 
@@ -787,8 +840,7 @@ fn etcd_outage_of_60s_keeps_serving_and_resyncs() {
         return;
     }
     let mut c = Cluster::new(1);
-    let mut weftd = c.node(1).weftd(&[]);
-    c.node(1).wait_ready(&mut weftd);
+    let mut weftd = c.node(1).ready_weftd(&[]);
     let env = c.node(1).subnet_env().unwrap();
     let subnet = c.node(1).leased_subnet();
 
@@ -810,14 +862,12 @@ fn etcd_outage_of_60s_keeps_serving_and_resyncs() {
 
     c.etcd_mut().start_again(0);
     let back = Instant::now();
-    c.etcd()
-        .put(&lease_key("10.244.200.0/24"), &lease_value("10.77.0.9"));
-    let node = c.node(1);
-    wait_for(
-        "weft_peers 1 after the outage",
-        Duration::from_secs(20),
-        || (metric(&node.metrics(), "weft_peers").as_deref() == Some("1")).then_some(()),
+    c.etcd().put(
+        &lease_key("10.244.200.0/24"),
+        &lease_value("10.77.0.9", "0e:77:00:00:00:09"),
     );
+    let node = c.node(1);
+    node.wait_metric("weft_peers", "1", Duration::from_secs(20));
     eprintln!("peer seen {:?} after etcd came back", back.elapsed());
     weftd.assert_running();
     assert_eq!(node.subnet_env().as_deref(), Some(env.as_str()));
@@ -833,12 +883,9 @@ fn pod_cidr_mode_needs_no_store() {
     if !require_root() {
         return;
     }
-    // No etcd at all: the endpoint leads nowhere.
-    let c = Cluster::build(1, None);
+    let (c, conf) = Cluster::storeless(HOST_GW_CONFIG);
     let node = c.node(1);
-    let conf = node.net_conf(HOST_GW_CONFIG);
-    let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
-    node.wait_ready(&mut weftd);
+    let mut weftd = node.pod_cidr_weftd(&conf);
     assert_eq!(
         node.subnet_env().unwrap(),
         subnet_env_text("10.244.7.1/24", 1500, false)
@@ -863,17 +910,12 @@ fn pod_cidr_mode_leases_once() {
     if !require_root() {
         return;
     }
-    let c = Cluster::build(1, None);
+    let (c, conf) = Cluster::storeless(VXLAN_CONFIG);
     let node = c.node(1);
-    let conf = node.net_conf(VXLAN_CONFIG);
-    let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
-    node.wait_ready(&mut weftd);
+    let weftd = node.pod_cidr_weftd(&conf);
     // The snapshot is handled, with whatever follows from it, before the counter
     // can be read (one task, no await point in between).
-    let m = wait_for("the peer snapshot", READY_TIMEOUT, || {
-        let m = node.metrics();
-        (metric(&m, "weft_resyncs_total").as_deref() == Some("1")).then_some(m)
-    });
+    let m = node.wait_metric("weft_resyncs_total", "1", READY_TIMEOUT);
     let log = weftd.log();
     assert!(
         !log.contains("deleted"),
@@ -894,11 +936,9 @@ fn lease_info_metric_labels_the_subnet_in_cidr_notation() {
     if !require_root() {
         return;
     }
-    let c = Cluster::build(1, None);
+    let (c, conf) = Cluster::storeless(VXLAN_CONFIG);
     let node = c.node(1);
-    let conf = node.net_conf(VXLAN_CONFIG);
-    let mut weftd = node.weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
-    node.wait_ready(&mut weftd);
+    let _weftd = node.pod_cidr_weftd(&conf);
     let m = node.metrics();
     let info = m
         .lines()
@@ -1106,7 +1146,7 @@ fn etcd_tls_with_client_certificates() {
     let mut weftd = Weftd::spawn(node, &tls_args(&cert, &key), &[]);
     node.wait_ready(&mut weftd);
     let subnet = node.leased_subnet();
-    assert_eq!(c.leases(), [(lease_key(&subnet), lease_value("10.77.0.1"))]);
+    assert_eq!(c.leases(), [(lease_key(&subnet), node.lease_value())]);
 
     // The CA alone (no client certificate): etcd refuses it like the rogue one.
     assert_eq!(weftd.terminate().code(), Some(0));
@@ -1128,7 +1168,7 @@ fn the_external_interface_is_chosen_like_flanneld() {
     }
     // A second interface, ext1 (192.0.2.5/24, MTU 1400), next to eth0 (MTU 1500):
     // host-gw's FLANNEL_MTU is the chosen interface's MTU, so it tells which won.
-    let c = Cluster::build(1, None);
+    let (c, conf) = Cluster::storeless(HOST_GW_CONFIG);
     let node = c.node(1);
     for cmd in [
         "ip link add ext1 mtu 1400 type veth peer name ext1p",
@@ -1138,7 +1178,6 @@ fn the_external_interface_is_chosen_like_flanneld() {
     ] {
         node.ns.exec_ok(&cmd.split(' ').collect::<Vec<_>>());
     }
-    let conf = node.net_conf(HOST_GW_CONFIG);
     let mtu_with = |iface_args: &[&str]| {
         let mut args = node.args(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
         // Drop the usual `--iface eth0`.
@@ -1186,4 +1225,144 @@ fn the_external_interface_is_chosen_like_flanneld() {
     let (_, log) = mtu_with(&["--log-format", "json"]);
     let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert_eq!(first["fields"]["iface"], "ext1", "{log}");
+}
+
+// --- Kubernetes mode --------------------------------------------------------------
+
+/// The flannel annotations (`flannel.alpha.coreos.com/...`, prefix stripped) of
+/// `node` as the fake API server holds it.
+fn flannel_annotations(
+    api: &FakeApiServer,
+    node: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    api.annotations(node)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(ANNOTATION_PREFIX)?.to_string(), v)))
+        .collect()
+}
+
+#[test]
+fn kube_subnet_mgr_leases_the_pod_cidr_and_annotates_the_node() {
+    if !require_root() {
+        return;
+    }
+    // No etcd: the fake API server runs in the node's netns, on its `lo`.
+    let (c, conf) = Cluster::storeless(VXLAN_CONFIG);
+    let (api, kubeconfig) = c.node(1).kube_api();
+    let node = c.node(1);
+    let args = node.args(&[
+        "--kube-subnet-mgr",
+        "--kubeconfig-file",
+        &kubeconfig,
+        "--net-config-path",
+        &conf,
+    ]);
+    let mut weftd = Weftd::spawn(node, &args, &[("NODE_NAME", "kube-worker-1")]);
+    node.wait_ready(&mut weftd);
+
+    // The lease is the node's PodCIDR; vxlan's MTU is eth0's less 50.
+    let pod_cidr = recorded_node("kube-worker-1")["spec"]["podCIDR"]
+        .as_str()
+        .expect("kube-worker-1 has a podCIDR")
+        .to_string();
+    assert_eq!(pod_cidr, "10.244.1.0/24");
+    assert_eq!(
+        node.subnet_env().unwrap(),
+        subnet_env_text(&first_host(&pod_cidr), 1450, false)
+    );
+
+    // flanneld's annotation set (the backend data names the VTEP's MAC), next to
+    // kubeadm's (which stay).
+    let backend_data = format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, node.vtep_mac());
+    assert_eq!(
+        serde_json::Value::Object(flannel_annotations(&api, "kube-worker-1")),
+        json!({
+            "kube-subnet-manager": "true",
+            "backend-type": "vxlan",
+            "backend-data": backend_data,
+            "public-ip": "10.77.0.1",
+        })
+    );
+    assert!(
+        api.annotations("kube-worker-1")
+            .contains_key("kubeadm.alpha.kubernetes.io/cri-socket")
+    );
+
+    // Ready: NetworkUnavailable=False with a strategic merge patch of the status.
+    let status_path = "/api/v1/nodes/kube-worker-1/status";
+    let patch = wait_for("the NetworkUnavailable patch", READY_TIMEOUT, || {
+        api.requests().into_iter().find(|r| {
+            r.method == "PATCH"
+                && r.path == status_path
+                && r.content_type.as_deref() == Some("application/strategic-merge-patch+json")
+        })
+    });
+    assert_eq!(patch.status, Some(200), "{patch:?}");
+    assert_eq!(patch.auth.as_deref(), Some("token"), "{patch:?}");
+    let cond = &patch.body["status"]["conditions"][0];
+    assert_eq!(
+        (&cond["type"], &cond["status"], &cond["reason"]),
+        (
+            &json!("NetworkUnavailable"),
+            &json!("False"),
+            &json!("FlannelIsUp")
+        ),
+        "{patch:?}"
+    );
+    let stored = api.node("kube-worker-1").unwrap();
+    let conditions = stored["status"]["conditions"].as_array().unwrap();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "NetworkUnavailable" && c["status"] == "False"),
+        "{conditions:?}"
+    );
+
+    // Peers: kube-master (annotated by flanneld in the recording), then
+    // kube-worker-2 once annotated, until it is deleted.
+    node.wait_metric("weft_peers", "1", READY_TIMEOUT);
+    let annotation = |k: &str| format!("{ANNOTATION_PREFIX}{k}");
+    api.annotate(
+        "kube-worker-2",
+        &[
+            (&annotation("kube-subnet-manager"), Some("true")),
+            (&annotation("backend-type"), Some("vxlan")),
+            (
+                &annotation("backend-data"),
+                Some(r#"{"VNI":1,"VtepMAC":"0e:77:00:00:00:02"}"#),
+            ),
+            (&annotation("public-ip"), Some("10.77.0.2")),
+        ],
+    );
+    node.wait_metric("weft_peers", "2", READY_TIMEOUT);
+    api.delete_node("kube-worker-2");
+    node.wait_metric("weft_peers", "1", READY_TIMEOUT);
+    weftd.assert_running();
+
+    let status = weftd.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM: {status}\n{}", weftd.log());
+}
+
+#[test]
+fn kube_subnet_mgr_outside_a_pod_asks_for_a_kubeconfig() {
+    if !require_root() {
+        return;
+    }
+    // In-cluster mode (no --kubeconfig-file, no --kube-api-url) without
+    // KUBERNETES_SERVICE_HOST/PORT, which Weftd::spawn never passes on.
+    let (c, conf) = Cluster::storeless(VXLAN_CONFIG);
+    let mut args = c
+        .node(1)
+        .args(&["--kube-subnet-mgr", "--net-config-path", &conf]);
+    set_arg(&mut args, "--healthz-port", "0");
+    let (status, log) = run_to_exit(c.node(1), &args, &[("NODE_NAME", "kube-worker-1")]);
+    assert_eq!(status.code(), Some(1), "{status}; log:\n{log}");
+    assert!(
+        log.contains(
+            "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set, so weftd is not \
+             running in a pod: pass --kubeconfig-file (or --kube-api-url)"
+        ),
+        "{log}"
+    );
+    assert!(c.node(1).subnet_env().is_none(), "wrote subnet.env");
 }
