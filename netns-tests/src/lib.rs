@@ -26,6 +26,7 @@ pub mod kube_api;
 mod netns;
 mod runner;
 mod tempdir;
+pub mod weftd_cluster;
 
 pub use command::{die_with_thread, netns_command};
 pub use netns::TestNetns;

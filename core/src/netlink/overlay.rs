@@ -776,7 +776,7 @@ fn to_neigh(msg: &NeighbourMessage, dev: u32, v4: bool) -> Option<Neigh> {
         } else {
             AddressFamily::Inet6
         };
-    if !family_ok || h.ifindex != dev || h.state != NeighbourState::Permanent {
+    if !family_ok || h.ifindex != dev || !permanent(h.state) {
         return None;
     }
     let (mut ip, mut mac) = (None, None);
@@ -793,8 +793,7 @@ fn to_neigh(msg: &NeighbourMessage, dev: u32, v4: bool) -> Option<Neigh> {
 
 fn to_fdb(msg: &NeighbourMessage, dev: u32) -> Option<Fdb> {
     let h = &msg.header;
-    if h.family != AddressFamily::Bridge || h.ifindex != dev || h.state != NeighbourState::Permanent
-    {
+    if h.family != AddressFamily::Bridge || h.ifindex != dev || !permanent(h.state) {
         return None;
     }
     let (mut dst, mut mac) = (None, None);
@@ -859,6 +858,13 @@ fn to_owned_route(msg: &RouteMessage, v4: bool, protocol: u8) -> Option<OwnedRou
         onlink: h.flags.contains(RouteFlags::Onlink),
         protocol,
     })
+}
+
+/// NUD_PERMANENT set, alone or with other bits: `bridge fdb add … self permanent`
+/// stores NOARP|PERMANENT, and such an entry on our VTEP is ours to manage too.
+fn permanent(state: NeighbourState) -> bool {
+    const NUD_PERMANENT: u16 = 0x80;
+    u16::from(state) & NUD_PERMANENT != 0
 }
 
 #[cfg(test)]

@@ -1,0 +1,526 @@
+//! A small cluster of weftd nodes for end-to-end tests: real weftd binaries in node
+//! namespaces, leasing from a real etcd in an "underlay" namespace, and pods
+//! attached to the nodes with the real `bridge` + `host-local` plugins the way
+//! flannel's CNI plugin does it (from subnet.env).
+//!
+//! Topology: etcd listens on 10.77.0.100 in the underlay netns; node `i` (1-based)
+//! is a netns whose `eth0` (10.77.0.i/24, MTU 1500) is a veth into the underlay,
+//! where all nodes' veths share one bridge (br0, which holds 10.77.0.100/24). weftd
+//! runs inside a node netns (`nsenter --net`) with its health server on
+//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too.
+//!
+//! Everything lives in throwaway namespaces and temp dirs: dropping the [`Weftd`]s,
+//! the [`Pod`]s and then the [`Cluster`] (declare them after the cluster) leaves
+//! nothing behind. weftd and etcd die with the thread that started them, so start
+//! (and restart) them on the test's own thread.
+
+use crate::etcd::{EtcdCluster, EtcdOptions};
+use crate::{Invocation, TempDir, TestNetns, bin_dir, die_with_thread, netns_command};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const ETCD_IP: &str = "10.77.0.100";
+pub const ENDPOINT: &str = "http://10.77.0.100:2379";
+pub const HEALTHZ_PORT: u16 = 8081;
+pub const CONFIG_KEY: &str = "/coreos.com/network/config";
+pub const SUBNETS: &str = "/coreos.com/network/subnets/";
+pub const NETWORK: &str = "10.244.0.0/16";
+pub const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+pub const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// What weftd's Kubernetes mode reads from the environment besides FLANNELD_*:
+/// never passed on from the developer's environment.
+const FOREIGN_ENV: [&str; 7] = [
+    "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+    weft_core::lease::kube::SERVICE_ACCOUNT_DIR_ENV,
+    "NODE_NAME",
+    "POD_NAME",
+    "POD_NAMESPACE",
+    "WEFT_LOG",
+];
+/// How long weftd may take to become ready (etcd is local; this is slack only).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a process may take to exit on its own or after SIGTERM.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+
+// --- topology ---------------------------------------------------------------------
+
+/// One node: its netns, its address on the underlay and a scratch dir for
+/// subnet.env, weftd's logs and host-local's reservations.
+pub struct Node {
+    pub ns: TestNetns,
+    /// The address of `eth0`, 10.77.0.i.
+    pub ip: String,
+    pub dir: TempDir,
+}
+
+/// The underlay with etcd and `n` nodes. Fields drop in declaration order: etcd
+/// before the namespace it lives in.
+pub struct Cluster {
+    etcd: EtcdCluster,
+    pub nodes: Vec<Node>,
+    /// Kept alive (etcd and the bridge live there).
+    pub underlay: TestNetns,
+}
+
+impl Cluster {
+    /// `n` nodes and a plain-HTTP etcd holding the network config `config`.
+    pub fn new(n: usize, config: &str) -> Cluster {
+        let underlay = TestNetns::new();
+        let nodes: Vec<Node> = (1..=n)
+            .map(|i| Node {
+                ns: TestNetns::new(),
+                ip: format!("10.77.0.{i}"),
+                dir: TempDir::new("weftd-node"),
+            })
+            .collect();
+        underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        underlay.exec_ok(&["ip", "addr", "add", "10.77.0.100/24", "dev", "br0", "nodad"]);
+        underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        for (i, node) in nodes.iter().enumerate() {
+            let port = format!("u{}", i + 1);
+            let pid = node.ns.pid().to_string();
+            underlay.exec_ok(&[
+                "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &pid,
+            ]);
+            underlay.exec_ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
+            let addr = format!("{}/24", node.ip);
+            node.ns
+                .exec_ok(&["ip", "addr", "add", &addr, "dev", "eth0", "nodad"]);
+            node.ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        }
+        let etcd = EtcdCluster::start(EtcdOptions {
+            netns: Some(&underlay),
+            ip: ETCD_IP,
+            ..Default::default()
+        });
+        let c = Cluster {
+            etcd,
+            nodes,
+            underlay,
+        };
+        for node in &c.nodes {
+            node.ns
+                .exec_ok(&["ping", "-c", "1", "-W", "5", "-q", ETCD_IP]);
+        }
+        c.etcd.put(CONFIG_KEY, config);
+        c
+    }
+
+    pub fn etcd(&self) -> &EtcdCluster {
+        &self.etcd
+    }
+
+    /// Node `i`, 1-based.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// All lease keys with their values.
+    pub fn leases(&self) -> Vec<(String, String)> {
+        self.etcd.get_prefix(SUBNETS)
+    }
+
+    /// A /24 of the network that no lease holds, past every one in `taken`
+    /// (counting down from 10.244.255.0/24).
+    pub fn free_subnet(&self, taken: &[&str]) -> String {
+        let leases = self.leases();
+        (1..=255u32)
+            .rev()
+            .map(|x| format!("10.244.{x}.0/24"))
+            .find(|s| {
+                !taken.contains(&s.as_str()) && !leases.iter().any(|(k, _)| *k == lease_key(s))
+            })
+            .expect("a free /24")
+    }
+}
+
+impl Node {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn subnet_env(&self) -> Option<String> {
+        std::fs::read_to_string(self.subnet_file()).ok()
+    }
+
+    /// subnet.env, read like flannel's CNI plugin reads it.
+    pub fn flannel_env(&self) -> FlannelEnv {
+        let text = self.subnet_env().expect("subnet.env exists");
+        FlannelEnv::parse(&text)
+    }
+
+    /// The subnet leased per subnet.env: `10.244.X.0/24`.
+    pub fn leased_subnet(&self) -> String {
+        self.flannel_env().subnet
+    }
+
+    /// The arguments every test starts weftd with, then `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let subnet_file = self.subnet_file().display().to_string();
+        let port = HEALTHZ_PORT.to_string();
+        let mut args: Vec<String> = [
+            "--etcd-endpoints",
+            ENDPOINT,
+            "--iface",
+            "eth0",
+            "--subnet-file",
+            &subnet_file,
+            "--healthz-ip",
+            "127.0.0.1",
+            "--healthz-port",
+            &port,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Start weftd with the usual arguments plus `extra`.
+    pub fn weftd(&self, extra: &[&str]) -> Weftd {
+        Weftd::spawn(self, &self.args(extra))
+    }
+
+    /// Start weftd with the usual arguments plus `extra` and wait until it is ready.
+    pub fn ready_weftd(&self, extra: &[&str]) -> Weftd {
+        let mut weftd = self.weftd(extra);
+        self.wait_ready(&mut weftd);
+        weftd
+    }
+
+    /// GET `path` from weftd's health server: (HTTP status, body); status 0 when
+    /// curl could not connect.
+    pub fn http(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{HEALTHZ_PORT}{path}");
+        let out = self.ns.exec(&[
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        if !out.status.success() {
+            return (0, String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("curl -w adds a line");
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// /metrics, or the empty string while the server does not answer.
+    pub fn metrics(&self) -> String {
+        match self.http("/metrics") {
+            (200, body) => body,
+            _ => String::new(),
+        }
+    }
+
+    /// Wait until /metrics has sample `name` at `value`; the exposition that had it.
+    pub fn wait_metric(&self, name: &str, value: &str, timeout: Duration) -> String {
+        wait_for(
+            &format!("{name} {value} in /metrics of {}", self.ip),
+            timeout,
+            || {
+                let m = self.metrics();
+                (metric(&m, name).as_deref() == Some(value)).then_some(m)
+            },
+        )
+    }
+
+    /// Wait until /readyz says 200; panics (with weftd's log) if it exits first.
+    pub fn wait_ready(&self, weftd: &mut Weftd) {
+        wait_for("weftd to become ready (/readyz 200)", READY_TIMEOUT, || {
+            weftd.assert_running();
+            (self.http("/readyz").0 == 200).then_some(())
+        });
+    }
+
+    /// The MAC of the VTEP `flannel.1`.
+    pub fn vtep_mac(&self) -> String {
+        let link = self
+            .ns
+            .exec_json(&["ip", "-j", "link", "show", "dev", "flannel.1"]);
+        link[0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("flannel.1 has no MAC: {link}"))
+            .to_string()
+    }
+
+    /// Whether the link `name` exists here.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.ns
+            .exec(&["ip", "link", "show", "dev", name])
+            .status
+            .success()
+    }
+
+    /// `argv` run here (it must succeed): its stdout as sorted, trimmed, non-empty lines.
+    pub fn lines(&self, argv: &[&str]) -> Vec<String> {
+        sorted_lines(&self.ns.exec_ok(argv))
+    }
+
+    /// `ip route show proto 87`: weftd's routes, one line each, sorted.
+    pub fn weft_routes(&self) -> Vec<String> {
+        self.lines(&["ip", "route", "show", "proto", "87"])
+    }
+
+    /// `ip neigh show dev flannel.1`, sorted lines.
+    pub fn vtep_neighbours(&self) -> Vec<String> {
+        self.lines(&["ip", "neigh", "show", "dev", "flannel.1"])
+    }
+
+    /// `bridge fdb show dev flannel.1`, sorted lines.
+    pub fn vtep_fdb(&self) -> Vec<String> {
+        self.lines(&["bridge", "fdb", "show", "dev", "flannel.1"])
+    }
+
+    /// A new pod attached to this node the way flannel's CNI plugin does it: the
+    /// `bridge` plugin on `cni0` (isGateway, no masquerade, hairpin) with
+    /// host-local over the node's FLANNEL_SUBNET and a route to FLANNEL_NETWORK,
+    /// the MTU from FLANNEL_MTU. `id` is the container ID.
+    pub fn add_pod(&self, id: &str) -> Pod {
+        let env = self.flannel_env();
+        let ns = TestNetns::new();
+        let conf = env.bridge_conf(&self.dir.join("ipam").display().to_string());
+        let result = Invocation::plugin("bridge")
+            .in_netns(self.ns.path())
+            .command("ADD")
+            .path(&[bin_dir()])
+            .stdin_json(&conf)
+            .container_id(id)
+            .netns(ns.path())
+            .ifname("eth0")
+            .run()
+            .ok();
+        let cidr = result["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address in {result}"));
+        let ip = cidr.split('/').next().unwrap().to_string();
+        Pod {
+            ns,
+            ip,
+            node: self.ip.clone(),
+        }
+    }
+}
+
+/// A pod netns with `eth0` on a node's `cni0`.
+pub struct Pod {
+    pub ns: TestNetns,
+    /// Its address (from host-local).
+    pub ip: String,
+    /// Its node's underlay address.
+    pub node: String,
+}
+
+impl Pod {
+    /// One ping (2 s wait) to `ip`.
+    pub fn ping(&self, ip: &str) -> bool {
+        self.ns
+            .exec(&["ping", "-c", "1", "-W", "2", ip])
+            .status
+            .success()
+    }
+}
+
+/// subnet.env as flannel's CNI plugin reads it (`net.ParseCIDR`, so the subnet is
+/// the network address: `FLANNEL_SUBNET=10.244.7.1/24` is `10.244.7.0/24`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlannelEnv {
+    pub network: String,
+    pub subnet: String,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl FlannelEnv {
+    pub fn parse(text: &str) -> FlannelEnv {
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {key} in subnet.env: {text:?}"))
+                .to_string()
+        };
+        let subnet: ipnet::Ipv4Net = get("FLANNEL_SUBNET").parse().expect("FLANNEL_SUBNET");
+        FlannelEnv {
+            network: get("FLANNEL_NETWORK"),
+            subnet: subnet.trunc().to_string(),
+            mtu: get("FLANNEL_MTU").parse().expect("FLANNEL_MTU"),
+            ipmasq: get("FLANNEL_IPMASQ") == "true",
+        }
+    }
+
+    /// The bridge config flannel's CNI plugin hands its delegate, with host-local's
+    /// state in `data_dir`.
+    pub fn bridge_conf(&self, data_dir: &str) -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "cbr0",
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "hairpinMode": true,
+            "mtu": self.mtu,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": data_dir,
+                "ranges": [[{"subnet": self.subnet}]],
+                "routes": [{"dst": self.network}],
+            },
+        })
+    }
+}
+
+/// `10.244.X.0/24` → `/coreos.com/network/subnets/10.244.X.0-24`.
+pub fn lease_key(subnet: &str) -> String {
+    format!("{SUBNETS}{}", subnet.replace('/', "-"))
+}
+
+/// `10.244.X.0/24` → `10.244.X.0`, the vxlan gateway of that subnet.
+pub fn network_addr(subnet: &str) -> &str {
+    subnet.split('/').next().expect("a CIDR")
+}
+
+/// The value of sample `name` (no labels) in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(str::to_string)
+}
+
+pub fn sorted_lines(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Poll `f` every 100 ms until it gives Some; panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+// --- the weftd process ------------------------------------------------------------
+
+/// A running weftd; SIGTERM, then SIGKILL on drop. Its stderr (the log) goes to a
+/// file, printed when the test fails.
+pub struct Weftd {
+    child: Child,
+    exited: Option<ExitStatus>,
+    log: PathBuf,
+}
+
+impl Weftd {
+    /// `nsenter --net=<node> weftd args...`, without FLANNELD_*, Kubernetes or
+    /// WEFT_LOG variables of the developer's. nsenter execs weftd, so the child is
+    /// weftd itself and dies with this thread ([`die_with_thread`]).
+    pub fn spawn(node: &Node, args: &[String]) -> Weftd {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let bin = bin_dir().join("weftd");
+        assert!(
+            bin.exists(),
+            "build weftd first: cargo build --release -p weftd (looked for {})",
+            bin.display()
+        );
+        let log = node.dir.join(format!(
+            "weftd-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).expect("creating the weftd log");
+        let mut cmd = netns_command(Some(node.ns.path()), &bin);
+        cmd.args(args);
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("FLANNELD_") || FOREIGN_ENV.contains(&&*k) {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file);
+        let child = die_with_thread(&mut cmd)
+            .spawn()
+            .expect("spawning nsenter weftd");
+        Weftd {
+            child,
+            exited: None,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("waitpid weftd");
+        }
+        self.exited
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.exit_status() {
+            panic!("weftd exited ({status}); log:\n{}", self.log());
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit_status() {
+            return status;
+        }
+        // SAFETY: signalling our own, not yet reaped child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        wait_for("weftd to exit", EXIT_TIMEOUT, || self.exit_status())
+    }
+}
+
+impl Drop for Weftd {
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            // SAFETY: as in terminate.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.exit_status().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.exit_status().is_none() {
+                let _ = self.child.kill();
+                self.exited = self.child.wait().ok();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- weftd log {} ({:?}) ---\n{}--- end of weftd log ---",
+                self.log.display(),
+                self.exited,
+                self.log()
+            );
+        }
+    }
+}
