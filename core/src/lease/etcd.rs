@@ -113,6 +113,12 @@ impl EtcdSource {
     /// All leases and the revision they were read at. Keys that are not subnet
     /// keys, or values that are not lease JSON, are skipped as flanneld does.
     pub async fn list(&mut self) -> Result<(Vec<Lease>, i64), LeaseError> {
+        let (leases, revision) = self.list_versioned().await?;
+        Ok((leases.into_iter().map(|(l, _)| l).collect(), revision))
+    }
+
+    /// [`list`](Self::list) with each key's mod_revision, for guarded writes.
+    async fn list_versioned(&mut self) -> Result<(Vec<(Lease, i64)>, i64), LeaseError> {
         let prefix = self.subnets_prefix();
         let resp = deadline(
             self.client
@@ -124,7 +130,7 @@ impl EtcdSource {
         let leases = resp
             .kvs()
             .iter()
-            .filter_map(|kv| lease_of(&prefix, kv))
+            .filter_map(|kv| lease_of(&prefix, kv).map(|l| (l, kv.mod_revision())))
             .collect();
         Ok((leases, revision))
     }
@@ -264,18 +270,7 @@ impl EtcdSource {
         config: &NetworkConfig,
         req: &AcquireRequest,
     ) -> Result<Option<Lease>, LeaseError> {
-        let prefix = self.subnets_prefix();
-        let resp = deadline(
-            self.client
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(|e| store("listing leases", e))?;
-        let mut leases: Vec<(Lease, i64)> = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| lease_of(&prefix, kv).map(|l| (l, kv.mod_revision())))
-            .collect();
+        let (mut leases, _) = self.list_versioned().await?;
         if let Some(i) = leases
             .iter()
             .position(|(l, _)| same_node(&l.attrs, &req.attrs, config))

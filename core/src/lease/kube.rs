@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 
 /// Where a pod finds its service-account credentials.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Deadline of one API call, and of one watch (the server ends it at 290 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const WATCH_TIMEOUT: Duration = Duration::from_secs(300);
 /// Overrides [`SERVICE_ACCOUNT_DIR`] (tests; unusual mounts).
 pub const SERVICE_ACCOUNT_DIR_ENV: &str = "WEFT_SERVICEACCOUNT_DIR";
 /// flanneld's default `--kube-annotation-prefix`.
@@ -518,16 +521,25 @@ impl Api {
         })
     }
 
-    fn get(&self, path: &str) -> Result<Value, LeaseError> {
-        let mut req = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .config()
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
+    /// A request with our deadline and credentials.
+    fn request<B>(
+        &self,
+        req: ureq::RequestBuilder<B>,
+        timeout: Duration,
+    ) -> Result<ureq::RequestBuilder<B>, LeaseError> {
+        let mut req = req.config().timeout_global(Some(timeout)).build();
         if let Some(a) = self.auth()? {
             req = req.header("Authorization", a);
         }
+        Ok(req)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> Result<Value, LeaseError> {
+        let req = self.request(self.agent.get(self.url(path)), CALL_TIMEOUT)?;
         answer(path, req.call())
     }
 
@@ -536,30 +548,14 @@ impl Api {
     }
 
     fn patch_as(&self, path: &str, body: &Value, content_type: &str) -> Result<Value, LeaseError> {
-        let mut req = self
-            .agent
-            .patch(format!("{}{path}", self.base))
-            .config()
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
-        if let Some(a) = self.auth()? {
-            req = req.header("Authorization", a);
-        }
+        let req = self.request(self.agent.patch(self.url(path)), CALL_TIMEOUT)?;
         answer(path, req.content_type(content_type).send(body.to_string()))
     }
 
     /// A long GET read line by line (a watch). The server closes it after its
     /// timeoutSeconds; we give it ten more before calling it dead.
     fn stream(&self, path: &str) -> Result<impl BufRead + use<>, LeaseError> {
-        let mut req = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .config()
-            .timeout_global(Some(Duration::from_secs(300)))
-            .build();
-        if let Some(a) = self.auth()? {
-            req = req.header("Authorization", a);
-        }
+        let req = self.request(self.agent.get(self.url(path)), WATCH_TIMEOUT)?;
         let resp = req
             .call()
             .map_err(|e| LeaseError::Store(format!("watching nodes: {e}")))?;

@@ -14,7 +14,7 @@
 //! device"; rtnetlink does not check `NLM_F_DUMP_INTR`, so the listings retry
 //! interrupted dumps themselves.
 
-use super::{Netlink, errno, fail, route_addr};
+use super::{Netlink, errno, fail};
 use crate::error::{CniError, Result};
 use futures_util::StreamExt;
 use ipnet::IpNet;
@@ -28,7 +28,7 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -824,12 +824,11 @@ fn neigh_addr(a: &NeighbourAddress) -> Option<IpAddr> {
 
 fn to_owned_route(msg: &RouteMessage, v4: bool, protocol: u8) -> Option<OwnedRoute> {
     let h = &msg.header;
-    let family = if v4 {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    if h.address_family != family || u8::from(h.protocol) != protocol {
+    if u8::from(h.protocol) != protocol {
+        return None;
+    }
+    let r = super::to_route(msg, v4)?;
+    if r.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
         return None;
     }
     let unspecified: IpAddr = if v4 {
@@ -837,24 +836,10 @@ fn to_owned_route(msg: &RouteMessage, v4: bool, protocol: u8) -> Option<OwnedRou
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let (mut dst, mut gw, mut oif, mut table) =
-        (unspecified, unspecified, None, u32::from(h.table));
-    for attr in &msg.attributes {
-        match attr {
-            RouteAttribute::Destination(a) => dst = route_addr(a)?,
-            RouteAttribute::Gateway(a) => gw = route_addr(a)?,
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Table(t) => table = *t,
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
     Some(OwnedRoute {
-        dst: IpNet::new(dst, h.destination_prefix_length).ok()?,
-        gw,
-        oif,
+        dst: r.dst,
+        gw: r.gw.unwrap_or(unspecified),
+        oif: r.oif,
         onlink: h.flags.contains(RouteFlags::Onlink),
         protocol,
     })
