@@ -2,8 +2,10 @@
 //! in one run so that machine noise hits both sides alike.
 
 mod harness;
+mod nlwatch;
 mod rows;
 mod stats;
+mod weftd;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use harness::{Impl, Netns, Target, TempDir};
-use rows::{ROWS, Row};
+use rows::{ROWS, Row, Run};
 use stats::Summary;
 
 const DEFAULT_REFERENCE: &str = "/usr/lib/cni";
@@ -65,12 +67,24 @@ Each iteration runs ours then the reference, alternating which goes first. Each
 side gets its own scratch dataDir, network name and subnet; ratio = reference / ours
 median (above 1.00 means ours is faster).
 
+weftd rows (--only weftd) run ours alone, against a real etcd ({etcd}) in a
+namespace of their own: there is no flanneld binary to compare with, so the
+flanneld figures of the reference doc are printed as notes. They run at most 10
+(10,000 peers: 5) timed iterations after at most 1 warm-up.
+
 ROWS:
 ",
-        ours = default_ours().display()
+        ours = default_ours().display(),
+        etcd = netns_tests::etcd::ETCD_BIN,
     );
     for row in ROWS {
-        let _ = writeln!(s, "  {:<30} {}", row.name, row.about);
+        let _ = writeln!(
+            s,
+            "  {:<w$} {}",
+            row.name,
+            row.about,
+            w = name_width(ROWS.iter())
+        );
     }
     s
 }
@@ -121,10 +135,34 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Parsed> {
     Ok(Parsed::Run(args))
 }
 
+type Figures = Vec<(&'static str, f64, &'static str)>;
+
 struct RowResult {
     row: &'static Row,
-    /// Indexed like the `impls` array: ours, reference.
+    /// Indexed like the `impls` array: ours, reference (empty for solo rows).
     samples: [Vec<Duration>; 2],
+    /// Solo rows: the extra figures of each timed sample.
+    figures: Vec<Figures>,
+}
+
+/// Width of the name column for `rows`.
+fn name_width<'a>(rows: impl Iterator<Item = &'a Row>) -> usize {
+    rows.map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(30)
+}
+
+fn is_solo(row: &Row) -> bool {
+    matches!(row.run, Run::Solo(_))
+}
+
+/// (warm-up, timed) iterations of `row`.
+fn iterations(row: &Row, args: &Args) -> (usize, usize) {
+    match &row.run {
+        Run::Pair(_) => (args.warmup, args.iterations),
+        Run::Solo(s) => (args.warmup.min(1), args.iterations.min(s.max_iterations)),
+    }
 }
 
 fn main() -> ExitCode {
@@ -197,8 +235,13 @@ fn run(args: &Args) -> Result<()> {
     ];
     let mut binaries: Vec<(&str, PathBuf)> = Vec::new();
     for row in &rows {
+        let sides = if is_solo(row) {
+            &impls[..1]
+        } else {
+            &impls[..]
+        };
         for plugin in row.plugins {
-            for imp in &impls {
+            for imp in sides {
                 let bin = imp.plugin(plugin);
                 if !is_executable(&bin) {
                     bail!(
@@ -220,31 +263,62 @@ fn run(args: &Args) -> Result<()> {
         }
     }
 
+    if rows.iter().any(|r| is_solo(r)) {
+        binaries.push(("etcd", PathBuf::from(netns_tests::etcd::ETCD_BIN)));
+    }
+
     let scratch = TempDir::new("weft-bench-")?;
     let netns = Netns::create()?;
+    // Started by the first weftd row; dropped (etcd, namespaces) before `scratch`.
+    let mut weftd_env: Option<weftd::Env> = None;
 
     print_machine(args, &binaries, netns.path(), scratch.path());
 
+    let width = name_width(rows.iter().copied());
     let mut results = Vec::new();
     for row in rows {
+        let (warmup, timed) = iterations(row, args);
+        let sides = if is_solo(row) {
+            "weftd only"
+        } else {
+            "x 2 implementations"
+        };
         eprint!(
-            "running {:<30} {} + {} iterations x 2 implementations ... ",
-            row.name, args.warmup, args.iterations
+            "running {:<width$} {warmup} + {timed} iterations {sides} ... ",
+            row.name
         );
-        let samples = run_row(row, &impls, &netns, scratch.path(), args).inspect_err(|_| {
-            eprintln!("FAILED");
-        })?;
+        let result = match &row.run {
+            Run::Pair(run) => {
+                run_row(row, *run, &impls, &netns, scratch.path(), args).map(|samples| RowResult {
+                    row,
+                    samples,
+                    figures: Vec::new(),
+                })
+            }
+            Run::Solo(solo) => {
+                let env = match &mut weftd_env {
+                    Some(env) => env,
+                    None => weftd_env.insert(weftd::Env::new(&impls[0].bin_dir, scratch.path())?),
+                };
+                run_solo(row, solo, env, warmup, timed)
+            }
+        };
+        let result = result.inspect_err(|_| eprintln!("FAILED"))?;
         eprintln!("done");
-        results.push(RowResult { row, samples });
+        results.push(result);
     }
+    drop(weftd_env);
 
     println!();
-    print_table(&results);
-    let floor = exec_floor(args.iterations.clamp(20, 200))?;
-    println!(
-        "exec floor: /bin/true spawned the same way, median {:.3} ms (no plugin can be faster)",
-        floor
-    );
+    print_table(&results, width);
+    if results.iter().any(|r| !is_solo(r.row)) {
+        let floor = exec_floor(args.iterations.clamp(20, 200))?;
+        println!(
+            "exec floor: /bin/true spawned the same way, median {:.3} ms (no plugin can be faster)",
+            floor
+        );
+    }
+    print_solo_notes(&results);
     if let Some(path) = &args.json {
         let json = to_json(args, &impls, &binaries, &results);
         std::fs::write(path, format!("{json:#}\n"))
@@ -275,10 +349,36 @@ fn exec_floor(runs: usize) -> Result<f64> {
     Ok(ms[ms.len() / 2])
 }
 
+/// All iterations of a weftd row: ours only.
+fn run_solo(
+    row: &'static Row,
+    solo: &weftd::Solo,
+    env: &mut weftd::Env,
+    warmup: usize,
+    timed: usize,
+) -> Result<RowResult> {
+    let mut samples = Vec::new();
+    let mut figures = Vec::new();
+    for i in 0..warmup + timed {
+        harness::check_interrupted()?;
+        let s = (solo.run)(env, i).with_context(|| format!("row {:?}, iteration {i}", row.name))?;
+        if i >= warmup {
+            samples.push(s.elapsed);
+            figures.push(s.figures);
+        }
+    }
+    Ok(RowResult {
+        row,
+        samples: [samples, Vec::new()],
+        figures,
+    })
+}
+
 /// All iterations of one row, interleaved: ours then reference on even
 /// iterations, reference then ours on odd ones.
 fn run_row(
     row: &Row,
+    run: fn(&mut harness::Target, usize) -> Result<Duration>,
     impls: &[Impl; 2],
     netns: &Netns,
     scratch: &Path,
@@ -310,7 +410,7 @@ fn run_row(
         for k in order {
             harness::check_interrupted()?;
             let t = &mut targets[k];
-            let d = (row.run)(t, i).with_context(|| {
+            let d = run(t, i).with_context(|| {
                 format!("row {:?}, {} side, iteration {i}", row.name, t.imp.label)
             })?;
             if i >= args.warmup {
@@ -367,7 +467,8 @@ fn print_machine(args: &Args, binaries: &[(&str, PathBuf)], netns: &Path, scratc
         kernel()
     );
     println!(
-        "  iterations: {} timed (+{} warm-up) per row and implementation, interleaved",
+        "  iterations: {} timed (+{} warm-up) per row and implementation, interleaved \
+         (weftd rows: ours only, at most 10 or 5 timed, 1 warm-up)",
         args.iterations, args.warmup
     );
     println!("  netns:      {}", netns.display());
@@ -383,30 +484,90 @@ fn ratio(ours: &Summary, reference: &Summary) -> f64 {
     reference.median / ours.median
 }
 
-fn print_table(results: &[RowResult]) {
+fn print_table(results: &[RowResult], w: usize) {
     println!(
-        "{:<30} {:>10} {:>10} {:>7}  {:>19}  {:>19}",
+        "{:<w$} {:>10} {:>10} {:>7}  {:>19}  {:>19}",
         "row", "ours ms", "ref ms", "ratio", "ours p10..p90", "ref p10..p90"
     );
     println!(
         "{}",
-        "-".repeat(30 + 1 + 10 + 1 + 10 + 1 + 7 + 2 + 19 + 2 + 19)
+        "-".repeat(w + 1 + 10 + 1 + 10 + 1 + 7 + 2 + 19 + 2 + 19)
     );
     for r in results {
-        let (Some(o), Some(f)) = (Summary::of(&r.samples[0]), Summary::of(&r.samples[1])) else {
+        let Some(o) = Summary::of(&r.samples[0]) else {
+            continue;
+        };
+        let ours = format!("{:.3}..{:.3}", o.p10, o.p90);
+        match Summary::of(&r.samples[1]) {
+            Some(f) => println!(
+                "{:<w$} {:>10.3} {:>10.3} {:>6.2}x  {:>19}  {:>19}",
+                r.row.name,
+                o.median,
+                f.median,
+                ratio(&o, &f),
+                ours,
+                format!("{:.3}..{:.3}", f.p10, f.p90),
+            ),
+            None => println!(
+                "{:<w$} {:>10.3} {:>10} {:>7}  {:>19}  {:>19}",
+                r.row.name, o.median, "-", "-", ours, "-"
+            ),
+        }
+    }
+    println!("\nms = median wall time of the exec(s); ratio = reference / ours (>1: ours faster)");
+    if results.iter().any(|r| is_solo(r.row)) {
+        println!(
+            "weftd rows: ours only (no flanneld binary here), ms as each row says; see the notes"
+        );
+    }
+}
+
+/// Median of each figure over a solo row's timed samples, in first-seen order.
+fn figure_medians(figures: &[Figures]) -> Vec<(&'static str, f64, &'static str)> {
+    let mut names: Vec<(&'static str, &'static str)> = Vec::new();
+    for f in figures.iter().flatten() {
+        if !names.iter().any(|(n, _)| *n == f.0) {
+            names.push((f.0, f.2));
+        }
+    }
+    names
+        .into_iter()
+        .map(|(name, unit)| {
+            let mut v: Vec<f64> = figures
+                .iter()
+                .flatten()
+                .filter(|f| f.0 == name)
+                .map(|f| f.1)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            (name, stats::percentile(&v, 0.5), unit)
+        })
+        .collect()
+}
+
+fn print_solo_notes(results: &[RowResult]) {
+    let mut references_shown: Vec<&str> = Vec::new();
+    for r in results {
+        let Run::Solo(solo) = &r.row.run else {
             continue;
         };
         println!(
-            "{:<30} {:>10.3} {:>10.3} {:>6.2}x  {:>19}  {:>19}",
+            "\n{}: {} (n={})",
             r.row.name,
-            o.median,
-            f.median,
-            ratio(&o, &f),
-            format!("{:.3}..{:.3}", o.p10, o.p90),
-            format!("{:.3}..{:.3}", f.p10, f.p90),
+            r.row.about,
+            r.samples[0].len()
         );
+        for (name, value, unit) in figure_medians(&r.figures) {
+            let prec = if value >= 100.0 { 0 } else { 1 };
+            println!("    {name:<44} {value:>9.prec$} {unit}");
+        }
+        if references_shown.contains(&solo.reference) {
+            println!("    reference: as above");
+        } else {
+            println!("    reference: {}", solo.reference);
+            references_shown.push(solo.reference);
+        }
     }
-    println!("\nms = median wall time of the exec(s); ratio = reference / ours (>1: ours faster)");
 }
 
 fn to_json(
@@ -432,13 +593,33 @@ fn to_json(
                 (Some(o), Some(f)) => serde_json::json!(ratio(&o, &f)),
                 _ => serde_json::Value::Null,
             };
-            serde_json::json!({
+            let mut row = serde_json::json!({
                 "name": r.row.name,
                 "about": r.row.about,
                 "ours": summary(&r.samples[0]),
                 "reference": summary(&r.samples[1]),
                 "ratio_reference_over_ours": ratio,
-            })
+            });
+            if let Run::Solo(solo) = &r.row.run {
+                let figures: Vec<_> = figure_medians(&r.figures)
+                    .into_iter()
+                    .map(|(name, median, unit)| {
+                        let samples: Vec<f64> = r
+                            .figures
+                            .iter()
+                            .flatten()
+                            .filter(|f| f.0 == name)
+                            .map(|f| f.1)
+                            .collect();
+                        serde_json::json!({
+                            "name": name, "unit": unit, "median": median, "samples": samples,
+                        })
+                    })
+                    .collect();
+                row["figures"] = serde_json::json!(figures);
+                row["reference_note"] = serde_json::json!(solo.reference);
+            }
+            row
         })
         .collect();
     serde_json::json!({

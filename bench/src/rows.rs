@@ -1,6 +1,7 @@
 //! The benchmark rows. To add one, write a `fn(&mut Target, iteration) ->
 //! Result<Duration>` that times exactly the operation being compared (setup and
-//! checks untimed) and list it in [`ROWS`].
+//! checks untimed) and list it in [`ROWS`]. weftd rows have no reference side
+//! (there is no flanneld binary here): see [`crate::weftd`].
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -11,16 +12,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use crate::harness::{Target, ensure_success, result_addresses};
+use crate::weftd::{self, Solo};
 
 pub struct Row {
     /// Shown in the table and matched by `--only`.
     pub name: &'static str,
     pub about: &'static str,
-    /// Binaries that must exist in both directories.
+    /// Binaries that must exist in both directories (for [`Run::Solo`] rows:
+    /// in ours only).
     pub plugins: &'static [&'static str],
-    /// One timed sample. Gets a target with a fresh data dir and network per
-    /// row and implementation; `iteration` counts from 0 (warm-up included).
-    pub run: fn(&mut Target, usize) -> Result<Duration>,
+    pub run: Run,
+}
+
+pub enum Run {
+    /// Ours against the reference, interleaved. One timed sample: gets a target
+    /// with a fresh data dir and network per row and implementation; `iteration`
+    /// counts from 0 (warm-up included).
+    Pair(fn(&mut Target, usize) -> Result<Duration>),
+    /// Ours alone.
+    Solo(Solo),
 }
 
 pub const ROWS: &[Row] = &[
@@ -28,97 +38,157 @@ pub const ROWS: &[Row] = &[
         name: "host-local VERSION",
         about: "exec + runtime start-up + one JSON reply: the floor under every other row",
         plugins: &["host-local"],
-        run: host_local_version,
+        run: Run::Pair(host_local_version),
     },
     Row {
         name: "host-local ADD",
         about: "one ADD of a new container ID (allocations accumulate over iterations)",
         plugins: &["host-local"],
-        run: host_local_add,
+        run: Run::Pair(host_local_add),
     },
     Row {
         name: "host-local DEL",
         about: "one DEL of a container ADDed just before (the ADD is untimed)",
         plugins: &["host-local"],
-        run: host_local_del,
+        run: Run::Pair(host_local_del),
     },
     Row {
         name: "bridge+host-local ADD",
         about: "ADD of a pod on a gateway bridge (veth, addresses, routes); its DEL is untimed",
         plugins: &["bridge", "host-local"],
-        run: bridge_add,
+        run: Run::Pair(bridge_add),
     },
     Row {
         name: "bridge+host-local DEL",
         about: "DEL of a pod ADDed just before (the ADD is untimed)",
         plugins: &["bridge", "host-local"],
-        run: bridge_del,
+        run: Run::Pair(bridge_del),
     },
     Row {
         name: "bridge+host-local ADD ipMasq",
         about: "the ADD row with ipMasq (reference: iptables chains; ours: nftables map elements)",
         plugins: &["bridge", "host-local"],
-        run: bridge_add_masq,
+        run: Run::Pair(bridge_add_masq),
     },
     Row {
         name: "bridge+host-local DEL ipMasq",
         about: "the DEL row with ipMasq",
         plugins: &["bridge", "host-local"],
-        run: bridge_del_masq,
+        run: Run::Pair(bridge_del_masq),
     },
     Row {
         name: "host-local 100 parallel ADDs",
         about: "wall time of 100 concurrent ADDs into one empty network; 100 distinct IPs required",
         plugins: &["host-local"],
-        run: host_local_parallel_add,
+        run: Run::Pair(host_local_parallel_add),
     },
     Row {
         name: "portmap ADD N=0",
         about: "ADD of one tcp mapping (snat) with 0 other mappings present; its DEL is untimed",
         plugins: &["portmap"],
-        run: portmap_add_0,
+        run: Run::Pair(portmap_add_0),
     },
     Row {
         name: "portmap DEL N=0",
         about: "DEL of one mapping ADDed just before (untimed), 0 other mappings present",
         plugins: &["portmap"],
-        run: portmap_del_0,
+        run: Run::Pair(portmap_del_0),
     },
     Row {
         name: "portmap ADD N=200",
         about: "ADD of one tcp mapping (snat) with 200 other mappings present; its DEL is untimed",
         plugins: &["portmap"],
-        run: portmap_add_200,
+        run: Run::Pair(portmap_add_200),
     },
     Row {
         name: "portmap DEL N=200",
         about: "DEL of one mapping ADDed just before (untimed), 200 other mappings present",
         plugins: &["portmap"],
-        run: portmap_del_200,
+        run: Run::Pair(portmap_del_200),
     },
     Row {
         name: "portmap ADD N=1000",
         about: "ADD of one tcp mapping (snat) with 1000 other mappings present; its DEL is untimed",
         plugins: &["portmap"],
-        run: portmap_add_1000,
+        run: Run::Pair(portmap_add_1000),
     },
     Row {
         name: "portmap DEL N=1000",
         about: "DEL of one mapping ADDed just before (untimed), 1000 other mappings present",
         plugins: &["portmap"],
-        run: portmap_del_1000,
+        run: Run::Pair(portmap_del_1000),
     },
     Row {
         name: "portmap ADD N=5000",
         about: "ADD of one tcp mapping (snat) with 5000 other mappings present; its DEL is untimed",
         plugins: &["portmap"],
-        run: portmap_add_5000,
+        run: Run::Pair(portmap_add_5000),
     },
     Row {
         name: "portmap DEL N=5000",
         about: "DEL of one mapping ADDed just before (untimed), 5000 other mappings present",
         plugins: &["portmap"],
-        run: portmap_del_5000,
+        run: Run::Pair(portmap_del_5000),
+    },
+    Row {
+        name: "weftd cold start, 1,000 peer leases",
+        about: "spawn until the kernel holds 1,000 peers' routes, neighbours and FDB entries",
+        plugins: &["weftd"],
+        run: Run::Solo(Solo {
+            run: weftd::cold_start_1k,
+            max_iterations: 10,
+            reference: weftd::FLANNELD_COLD,
+        }),
+    },
+    Row {
+        name: "weftd cold start, 10,000 peer leases",
+        about: "the same with 10,000 peers in etcd",
+        plugins: &["weftd"],
+        run: Run::Solo(Solo {
+            run: weftd::cold_start_10k,
+            max_iterations: 5,
+            reference: weftd::FLANNELD_COLD,
+        }),
+    },
+    Row {
+        name: "weftd netlink floor, 1,000 peers",
+        about: "no weftd: its data plane code writing 1,000 peers into a fresh netns",
+        plugins: &[],
+        run: Run::Solo(Solo {
+            run: weftd::floor_1k,
+            max_iterations: 10,
+            reference: weftd::FLOOR,
+        }),
+    },
+    Row {
+        name: "weftd netlink floor, 10,000 peers",
+        about: "the same with 10,000 peers",
+        plugins: &[],
+        run: Run::Solo(Solo {
+            run: weftd::floor_10k,
+            max_iterations: 5,
+            reference: weftd::FLOOR,
+        }),
+    },
+    Row {
+        name: "weftd lease events, 1,000 adds",
+        about: "weftd on 0 peers; 1,000 puts (64 in flight), first put until all are programmed",
+        plugins: &["weftd"],
+        run: Run::Solo(Solo {
+            run: weftd::lease_events,
+            max_iterations: 10,
+            reference: weftd::FLANNELD_EVENTS,
+        }),
+    },
+    Row {
+        name: "weftd lease events, 1,000 at 1,000/s",
+        about: "the same, paced at one put per ms: the lag behind a steady stream",
+        plugins: &["weftd"],
+        run: Run::Solo(Solo {
+            run: weftd::lease_events_paced,
+            max_iterations: 10,
+            reference: weftd::FLANNELD_PACED,
+        }),
     },
 ];
 
