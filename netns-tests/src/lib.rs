@@ -13,6 +13,9 @@
 //! - [`certs::Certs`]: a CA, server and client certificates (openssl CLI).
 //! - [`netns_command`], [`die_with_thread`]: run a server or daemon in a netns, and
 //!   have it die with the test's thread.
+//! - [`inside`]: run test code (sockets, weft-core calls) in a netns; [`exec_line`]:
+//!   one command line there; [`nft`] and friends: look at and damage its nftables
+//!   ruleset.
 //!
 //! Tests that need root start with `if !netns_tests::require_root() { return; }`.
 
@@ -71,6 +74,53 @@ pub(crate) fn url_host(ip: IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     }
+}
+
+/// Run `f` inside `ns` (on a throwaway thread): sockets it creates stay in that
+/// namespace, and so do the processes it spawns.
+pub fn inside<T: Send>(ns: &TestNetns, f: impl FnOnce() -> T + Send) -> T {
+    weft_core::netns::NetNs::open(ns.path())
+        .expect("opening the netns")
+        .run(f)
+        .expect("entering the netns")
+}
+
+/// `line` split at its spaces, run in `ns` (it must succeed): its stdout. For
+/// commands none of whose arguments holds a space, and for nft, which joins its
+/// arguments with spaces again.
+pub fn exec_line(ns: &TestNetns, line: &str) -> String {
+    ns.exec_ok(&line.split(' ').collect::<Vec<_>>())
+}
+
+/// `nft args...` in `ns` (it must succeed): its stdout.
+pub fn nft(ns: &TestNetns, args: &[&str]) -> String {
+    let mut argv = vec!["nft"];
+    argv.extend_from_slice(args);
+    ns.exec_ok(&argv)
+}
+
+/// Whether `nft list tables` in `ns` shows `table <family> <name>`.
+pub fn has_nft_table(ns: &TestNetns, family: &str, name: &str) -> bool {
+    let want = format!("table {family} {name}");
+    nft(ns, &["list", "tables"]).lines().any(|l| l == want)
+}
+
+/// Delete, by its handle, the rule of `chain` (`<family> <table> <chain>`) whose
+/// comment is `comment`.
+pub fn nft_delete_rule(ns: &TestNetns, chain: &str, comment: &str) {
+    let chain: Vec<&str> = chain.split(' ').collect();
+    let listing = nft(ns, &[&["-a", "list", "chain"], &chain[..]].concat());
+    let handle = listing
+        .lines()
+        .find(|l| l.contains(&format!("comment \"{comment}\"")))
+        .and_then(|l| l.rsplit_once("# handle "))
+        .unwrap_or_else(|| panic!("no rule with comment {comment:?} in {listing}"))
+        .1
+        .trim();
+    nft(
+        ns,
+        &[&["delete", "rule"], &chain[..], &["handle", handle]].concat(),
+    );
 }
 
 /// Whether we run as root; prints a skip notice otherwise. Namespaces, nsenter and

@@ -7,7 +7,10 @@
 //! is a netns whose `eth0` (10.77.0.i/24, MTU 1500) is a veth into the underlay,
 //! where all nodes' veths share one bridge (br0, which holds 10.77.0.100/24). weftd
 //! runs inside a node netns (`nsenter --net`) with its health server on
-//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too.
+//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too. A cluster
+//! may also run etcd with TLS, or have no store at all ([`Cluster::storeless`]:
+//! `--pod-cidr`, or Kubernetes mode with the fake API server of
+//! [`crate::kube_api`] in the node netns, on [`KUBE_API_IP`] on its `lo`).
 //!
 //! Everything lives in throwaway namespaces and temp dirs: dropping the [`Weftd`]s,
 //! the [`Pod`]s and then the [`Cluster`] (declare them after the cluster) leaves
@@ -15,6 +18,7 @@
 //! (and restart) them on the test's own thread.
 
 use crate::etcd::{EtcdCluster, EtcdOptions};
+use crate::kube_api::{DEFAULT_TOKEN, FakeApiOptions, FakeApiServer};
 use crate::{Invocation, TempDir, TestNetns, bin_dir, die_with_thread, netns_command};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -30,6 +34,8 @@ pub const SUBNETS: &str = "/coreos.com/network/subnets/";
 pub const NETWORK: &str = "10.244.0.0/16";
 pub const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 pub const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// The fake Kubernetes API server's address, on the node's `lo` ([`Node::kube_api`]).
+pub const KUBE_API_IP: &str = "10.99.0.1";
 /// What weftd's Kubernetes mode reads from the environment besides FLANNELD_*:
 /// never passed on from the developer's environment.
 const FOREIGN_ENV: [&str; 7] = [
@@ -50,7 +56,7 @@ const POLL: Duration = Duration::from_millis(100);
 // --- topology ---------------------------------------------------------------------
 
 /// One node: its netns, its address on the underlay and a scratch dir for
-/// subnet.env, weftd's logs and host-local's reservations.
+/// subnet.env, the network config file, weftd's logs and host-local's reservations.
 pub struct Node {
     pub ns: TestNetns,
     /// The address of `eth0`, 10.77.0.i.
@@ -58,10 +64,10 @@ pub struct Node {
     pub dir: TempDir,
 }
 
-/// The underlay with etcd and `n` nodes. Fields drop in declaration order: etcd
-/// before the namespace it lives in.
+/// The underlay with etcd (or none) and `n` nodes. Fields drop in declaration
+/// order: etcd before the namespace it lives in.
 pub struct Cluster {
-    etcd: EtcdCluster,
+    etcd: Option<EtcdCluster>,
     pub nodes: Vec<Node>,
     /// Kept alive (etcd and the bridge live there).
     pub underlay: TestNetns,
@@ -70,6 +76,29 @@ pub struct Cluster {
 impl Cluster {
     /// `n` nodes and a plain-HTTP etcd holding the network config `config`.
     pub fn new(n: usize, config: &str) -> Cluster {
+        let c = Cluster::build(n, Some(false));
+        c.etcd().put(CONFIG_KEY, config);
+        c
+    }
+
+    /// `n` nodes and an etcd that speaks only TLS and wants client certificates
+    /// ([`EtcdOptions::tls`]), holding the network config `config`.
+    pub fn new_tls(n: usize, config: &str) -> Cluster {
+        let c = Cluster::build(n, Some(true));
+        c.etcd().put(CONFIG_KEY, config);
+        c
+    }
+
+    /// One node and no etcd at all (the endpoint leads nowhere), `net_conf` its
+    /// net-conf.json: the cluster and that file's path, for --net-config-path.
+    pub fn storeless(net_conf: &str) -> (Cluster, String) {
+        let c = Cluster::build(1, None);
+        let conf = c.node(1).net_conf(net_conf);
+        (c, conf)
+    }
+
+    /// `etcd`: None for no etcd at all, Some(tls) otherwise. No network config.
+    fn build(n: usize, etcd: Option<bool>) -> Cluster {
         let underlay = TestNetns::new();
         let nodes: Vec<Node> = (1..=n)
             .map(|i| Node {
@@ -93,26 +122,33 @@ impl Cluster {
                 .exec_ok(&["ip", "addr", "add", &addr, "dev", "eth0", "nodad"]);
             node.ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
         }
-        let etcd = EtcdCluster::start(EtcdOptions {
-            netns: Some(&underlay),
-            ip: ETCD_IP,
-            ..Default::default()
+        let etcd = etcd.map(|tls| {
+            EtcdCluster::start(EtcdOptions {
+                tls,
+                netns: Some(&underlay),
+                ip: ETCD_IP,
+                ..Default::default()
+            })
         });
         let c = Cluster {
             etcd,
             nodes,
             underlay,
         };
+        // Every node reaches etcd's address over the underlay.
         for node in &c.nodes {
             node.ns
                 .exec_ok(&["ping", "-c", "1", "-W", "5", "-q", ETCD_IP]);
         }
-        c.etcd.put(CONFIG_KEY, config);
         c
     }
 
     pub fn etcd(&self) -> &EtcdCluster {
-        &self.etcd
+        self.etcd.as_ref().expect("this cluster has etcd")
+    }
+
+    pub fn etcd_mut(&mut self) -> &mut EtcdCluster {
+        self.etcd.as_mut().expect("this cluster has etcd")
     }
 
     /// Node `i`, 1-based.
@@ -122,7 +158,7 @@ impl Cluster {
 
     /// All lease keys with their values.
     pub fn leases(&self) -> Vec<(String, String)> {
-        self.etcd.get_prefix(SUBNETS)
+        self.etcd().get_prefix(SUBNETS)
     }
 
     /// A /24 of the network that no lease holds, past every one in `taken`
@@ -154,9 +190,24 @@ impl Node {
         FlannelEnv::parse(&text)
     }
 
-    /// The subnet leased per subnet.env: `10.244.X.0/24`.
+    /// The subnet leased per subnet.env: `10.244.X.0/24`, of which FLANNEL_SUBNET
+    /// must name the first host.
     pub fn leased_subnet(&self) -> String {
-        self.flannel_env().subnet
+        let text = self.subnet_env().expect("subnet.env exists");
+        let subnet = FlannelEnv::parse(&text).subnet;
+        let line = format!("FLANNEL_SUBNET={}", first_host(&subnet));
+        assert!(
+            text.lines().any(|l| l == line),
+            "the first host of the subnet: {text}"
+        );
+        subnet
+    }
+
+    /// Write `json` as this node's net-conf.json; its path, for --net-config-path.
+    pub fn net_conf(&self, json: &str) -> String {
+        let path = self.dir.join("net-conf.json");
+        std::fs::write(&path, json).expect("writing net-conf.json");
+        path.display().to_string()
     }
 
     /// The arguments every test starts weftd with, then `extra`.
@@ -184,7 +235,7 @@ impl Node {
 
     /// Start weftd with the usual arguments plus `extra`.
     pub fn weftd(&self, extra: &[&str]) -> Weftd {
-        Weftd::spawn(self, &self.args(extra))
+        Weftd::spawn(self, &self.args(extra), &[])
     }
 
     /// Start weftd with the usual arguments plus `extra` and wait until it is ready.
@@ -194,8 +245,31 @@ impl Node {
         weftd
     }
 
+    /// Start weftd with the fixed subnet 10.244.7.0/24 (`--pod-cidr`) and the
+    /// net-conf.json `conf`, and wait until it is ready.
+    pub fn pod_cidr_weftd(&self, conf: &str) -> Weftd {
+        self.ready_weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", conf])
+    }
+
+    /// A fake Kubernetes API server (the recorded nodes) in this node's netns,
+    /// listening on [`KUBE_API_IP`], which goes on `lo`, and a token kubeconfig
+    /// for it: the server and the kubeconfig's path. Drop the server first.
+    pub fn kube_api(&self) -> (FakeApiServer, String) {
+        let addr = format!("{KUBE_API_IP}/32");
+        self.ns.exec_ok(&["ip", "addr", "add", &addr, "dev", "lo"]);
+        let api = FakeApiServer::start(FakeApiOptions {
+            netns: Some(&self.ns),
+            ip: KUBE_API_IP,
+            ..Default::default()
+        });
+        let path = self.dir.join("kubeconfig");
+        std::fs::write(&path, api.kubeconfig(&format!("token: {DEFAULT_TOKEN}")))
+            .expect("writing the kubeconfig");
+        (api, path.display().to_string())
+    }
+
     /// GET `path` from weftd's health server: (HTTP status, body); status 0 when
-    /// curl could not connect.
+    /// curl could not connect (body: curl's error).
     pub fn http(&self, path: &str) -> (u16, String) {
         let url = format!("http://127.0.0.1:{HEALTHZ_PORT}{path}");
         let out = self.ns.exec(&[
@@ -214,15 +288,17 @@ impl Node {
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').expect("curl -w adds a line");
-        (code.trim().parse().unwrap_or(0), body.to_string())
+        (
+            code.trim().parse().expect("an HTTP status"),
+            body.to_string(),
+        )
     }
 
-    /// /metrics, or the empty string while the server does not answer.
+    /// /metrics; panics unless it answers 200.
     pub fn metrics(&self) -> String {
-        match self.http("/metrics") {
-            (200, body) => body,
-            _ => String::new(),
-        }
+        let (code, body) = self.http("/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        body
     }
 
     /// Wait until /metrics has sample `name` at `value`; the exposition that had it.
@@ -245,7 +321,7 @@ impl Node {
         });
     }
 
-    /// The MAC of the VTEP `flannel.1`.
+    /// The MAC of weftd's VTEP in this node (`flannel.1`, vxlan's VNI 1).
     pub fn vtep_mac(&self) -> String {
         let link = self
             .ns
@@ -254,6 +330,21 @@ impl Node {
             .as_str()
             .unwrap_or_else(|| panic!("flannel.1 has no MAC: {link}"))
             .to_string()
+    }
+
+    /// This node's vxlan lease value: its address and its VTEP's MAC.
+    pub fn lease_value(&self) -> String {
+        lease_value(&self.ip, &self.vtep_mac())
+    }
+
+    /// `nft args...` here (it must succeed): its stdout.
+    pub fn nft(&self, args: &[&str]) -> String {
+        crate::nft(&self.ns, args)
+    }
+
+    /// Whether weftd's `table inet weft_node` exists here.
+    pub fn has_weft_table(&self) -> bool {
+        crate::has_nft_table(&self.ns, "inet", "weft_node")
     }
 
     /// Whether the link `name` exists here.
@@ -387,6 +478,18 @@ pub fn lease_key(subnet: &str) -> String {
     format!("{SUBNETS}{}", subnet.replace('/', "-"))
 }
 
+/// A vxlan lease value as flanneld writes it: the public IP and the VTEP's MAC.
+pub fn lease_value(public_ip: &str, vtep_mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+    )
+}
+
+/// `10.244.X.0/24` → `10.244.X.1/24`, the address subnet.env gives for it.
+pub fn first_host(subnet: &str) -> String {
+    subnet.replace(".0/", ".1/")
+}
+
 /// `10.244.X.0/24` → `10.244.X.0`, the vxlan gateway of that subnet.
 pub fn network_addr(subnet: &str) -> &str {
     subnet.split('/').next().expect("a CIDR")
@@ -397,6 +500,13 @@ pub fn metric(text: &str, name: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map(str::to_string)
+}
+
+/// Assert that the exposition `m` has each sample `(name, value)` of `want`.
+pub fn assert_samples(m: &str, want: &[(&str, &str)]) {
+    for &(name, value) in want {
+        assert_eq!(metric(m, name).as_deref(), Some(value), "{name}: {m}");
+    }
 }
 
 pub fn sorted_lines(text: &str) -> Vec<String> {
@@ -435,10 +545,11 @@ pub struct Weftd {
 }
 
 impl Weftd {
-    /// `nsenter --net=<node> weftd args...`, without FLANNELD_*, Kubernetes or
-    /// WEFT_LOG variables of the developer's. nsenter execs weftd, so the child is
-    /// weftd itself and dies with this thread ([`die_with_thread`]).
-    pub fn spawn(node: &Node, args: &[String]) -> Weftd {
+    /// `nsenter --net=<node> weftd args...`, with `env` set and no FLANNELD_*,
+    /// Kubernetes or WEFT_LOG variables of the developer's (or of a CI pod's).
+    /// nsenter execs weftd (no --pid/--fork), so the child is weftd itself and dies
+    /// with this thread ([`die_with_thread`]).
+    pub fn spawn(node: &Node, args: &[String], env: &[(&str, &str)]) -> Weftd {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let bin = bin_dir().join("weftd");
         assert!(
@@ -459,7 +570,8 @@ impl Weftd {
                 cmd.env_remove(&key);
             }
         }
-        cmd.stdin(Stdio::null())
+        cmd.envs(env.iter().copied())
+            .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file);
         let child = die_with_thread(&mut cmd)
@@ -489,6 +601,11 @@ impl Weftd {
         }
     }
 
+    /// Wait for weftd to exit on its own; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("weftd to exit", timeout, || self.exit_status())
+    }
+
     /// SIGTERM and wait for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         if let Some(status) = self.exit_status() {
@@ -496,7 +613,7 @@ impl Weftd {
         }
         // SAFETY: signalling our own, not yet reaped child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        wait_for("weftd to exit", EXIT_TIMEOUT, || self.exit_status())
+        self.wait_exit(EXIT_TIMEOUT)
     }
 }
 

@@ -4,30 +4,19 @@
 //! live there; the checks go through `nsenter … nft`, a separate path.
 
 use ipnet::IpNet;
-use netns_tests::{TestNetns, require_root};
+// `nft_in`: the nft command line in a namespace (`nft` here is weft-core's module).
+use netns_tests::{TestNetns, has_nft_table, inside, nft as nft_in, require_root};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use weft_core::masq;
-use weft_core::netns::NetNs;
 use weft_core::nft::{self, Comment, ErrorKind, Family, Ident, Rule, Transaction, Value, Verdict};
-
-/// Run `f` inside `ns` (on a throwaway thread).
-fn inside<T: Send>(ns: &TestNetns, f: impl FnOnce() -> T + Send) -> T {
-    NetNs::open(ns.path()).unwrap().run(f).unwrap()
-}
-
-fn nft_in(ns: &TestNetns, args: &[&str]) -> String {
-    let mut argv = vec!["nft"];
-    argv.extend_from_slice(args);
-    ns.exec_ok(&argv)
-}
 
 fn masq_table(ns: &TestNetns) -> String {
     nft_in(ns, &["list", "table", "inet", masq::TABLE])
 }
 
 fn has_table(ns: &TestNetns) -> bool {
-    nft_in(ns, &["list", "tables"]).contains(&format!("table inet {}", masq::TABLE))
+    has_nft_table(ns, "inet", masq::TABLE)
 }
 
 fn net(s: &str) -> IpNet {

@@ -34,6 +34,20 @@ async fn source(etcd: &EtcdCluster) -> EtcdSource {
     EtcdSource::connect(&connect_opts(etcd)).await.unwrap()
 }
 
+/// A source connected with `opts`, and the network config it reads.
+async fn configured(opts: &Connect) -> (EtcdSource, NetworkConfig) {
+    let mut src = EtcdSource::connect(opts).await.unwrap();
+    let config = src.network_config().await.unwrap();
+    (src, config)
+}
+
+/// `req` acquired by a source connected with `opts`: that source and the lease.
+async fn leased(opts: &Connect, req: &AcquireRequest) -> (EtcdSource, Lease) {
+    let (mut src, config) = configured(opts).await;
+    let lease = src.acquire(&config, req).await.unwrap();
+    (src, lease)
+}
+
 /// A node's request: vxlan with its VTEP MAC, public IP 10.77.0.<n>.
 fn request(n: u8) -> AcquireRequest {
     AcquireRequest {
@@ -57,10 +71,14 @@ fn started(config: &str) -> EtcdCluster {
     etcd
 }
 
+/// Node `n`'s lease, acquired by a source of its own.
 async fn acquire(etcd: &EtcdCluster, n: u8) -> Lease {
-    let mut src = source(etcd).await;
-    let config = src.network_config().await.unwrap();
-    src.acquire(&config, &request(n)).await.unwrap()
+    leased(&connect_opts(etcd), &request(n)).await.1
+}
+
+/// The etcd key of the lease `key` (`10.244.X.0-24`, or a [`SubnetKey`]).
+fn subnet_path(key: impl std::fmt::Display) -> String {
+    format!("{PREFIX}/subnets/{key}")
 }
 
 fn leases_in(etcd: &EtcdCluster) -> Vec<(String, String)> {
@@ -119,14 +137,13 @@ fn leases_written_by_flanneld_are_read_as_peers() {
     ];
     let id = etcd.lease_grant(86400);
     for (k, v) in &golden[..2] {
-        etcd.put_with_lease(&format!("{PREFIX}/subnets/{k}"), v, id);
+        etcd.put_with_lease(&subnet_path(k), v, id);
     }
-    etcd.put(&format!("{PREFIX}/subnets/{}", golden[2].0), golden[2].1);
-    etcd.put(&format!("{PREFIX}/subnets/10.244.1.7-24"), golden[2].1);
-    etcd.put(&format!("{PREFIX}/subnets/garbage"), "{");
+    etcd.put(&subnet_path(golden[2].0), golden[2].1);
+    etcd.put(&subnet_path("10.244.1.7-24"), golden[2].1);
+    etcd.put(&subnet_path("garbage"), "{");
     rt().block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
+        let (mut src, config) = configured(&connect_opts(&etcd)).await;
         assert!(config.v6.is_some());
         let PeerUpdate::Snapshot(leases) = src.next_peers().await.unwrap() else {
             panic!("the first update is a snapshot");
@@ -152,7 +169,7 @@ fn leases_written_by_flanneld_are_read_as_peers() {
         let ours = src.acquire(&config, &req).await.unwrap();
         assert!(!want.contains(&ours.key.to_string()));
         assert!(ours.key.v6.is_some());
-        let stored = etcd.get(&format!("{PREFIX}/subnets/{}", ours.key)).unwrap();
+        let stored = etcd.get(&subnet_path(ours.key)).unwrap();
         assert!(
             stored.starts_with(
                 r#"{"PublicIP":"10.77.0.9","PublicIPv6":"fd00:77::9","BackendType":"vxlan""#
@@ -183,8 +200,7 @@ fn racing_nodes_get_distinct_subnets() {
             for n in 1..=nodes {
                 let opts = connect_opts(&etcd);
                 tasks.push(local.spawn_local(async move {
-                    let mut src = EtcdSource::connect(&opts).await.unwrap();
-                    let config = src.network_config().await.unwrap();
+                    let (mut src, config) = configured(&opts).await;
                     src.acquire(&config, &request(n)).await
                 }));
             }
@@ -227,24 +243,16 @@ fn a_restarted_node_gets_its_subnet_and_etcd_lease_back() {
     }
     let mut req = request(1);
     req.previous_v4 = Some(ipnet::Ipv4Net::new(first.key.v4.unwrap().network(), 24).unwrap());
-    let back = rt.block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
-        src.acquire(&config, &req).await.unwrap()
-    });
+    let (_, back) = rt.block_on(leased(&connect_opts(&etcd), &req));
     assert_eq!(back.key, first.key);
     // ... unless another node holds it now: then any free one.
     let mut req = request(3);
     req.previous_v4 = other.key.v4;
     etcd.put(
-        &format!("{PREFIX}/subnets/{}", other.key),
+        &subnet_path(other.key),
         r#"{"PublicIP":"10.77.0.2","PublicIPv6":null}"#,
     );
-    let third = rt.block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
-        src.acquire(&config, &req).await.unwrap()
-    });
+    let (_, third) = rt.block_on(leased(&connect_opts(&etcd), &req));
     assert_ne!(third.key, other.key);
 }
 
@@ -257,13 +265,13 @@ fn an_incompatible_old_lease_is_replaced() {
     // Our public IP holds a /25 from an older config: flanneld deletes it and
     // leases anew; so do we.
     etcd.put(
-        &format!("{PREFIX}/subnets/10.244.3.0-25"),
+        &subnet_path("10.244.3.0-25"),
         r#"{"PublicIP":"10.77.0.1","PublicIPv6":null,"BackendType":"vxlan"}"#,
     );
     let lease = rt().block_on(acquire(&etcd, 1));
     assert_eq!(lease.key.v4.unwrap().prefix_len(), 24);
     let keys: Vec<String> = leases_in(&etcd).into_iter().map(|(k, _)| k).collect();
-    assert_eq!(keys, [format!("{PREFIX}/subnets/{}", lease.key)]);
+    assert_eq!(keys, [subnet_path(lease.key)]);
 }
 
 #[test]
@@ -273,9 +281,7 @@ fn renewal_keeps_one_etcd_lease() {
     }
     let etcd = started(CONFIG);
     rt().block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
-        let mut lease = src.acquire(&config, &request(1)).await.unwrap();
+        let (mut src, mut lease) = leased(&connect_opts(&etcd), &request(1)).await;
         for _ in 0..5 {
             lease = src.renew(&lease).await.unwrap();
         }
@@ -287,14 +293,11 @@ fn renewal_keeps_one_etcd_lease() {
         let renewed = src.renew(&lease).await.unwrap();
         assert_eq!(renewed.key, lease.key);
         assert_eq!(etcd.lease_list(), [renewed.etcd_lease]);
-        assert!(
-            etcd.get(&format!("{PREFIX}/subnets/{}", lease.key))
-                .is_some()
-        );
+        assert!(etcd.get(&subnet_path(lease.key)).is_some());
         // ... but it never takes a subnet another node grabbed meanwhile.
         etcd.lease_revoke(renewed.etcd_lease);
         etcd.put(
-            &format!("{PREFIX}/subnets/{}", lease.key),
+            &subnet_path(lease.key),
             r#"{"PublicIP":"10.77.0.5","PublicIPv6":null}"#,
         );
         let err = src.renew(&renewed).await.unwrap_err();
@@ -326,7 +329,7 @@ fn the_watch_reports_peers_deletions_and_recovers_from_compaction() {
             "{events:?}"
         );
         // A deleted lease (ours, say) is noticed.
-        etcd.delete(&format!("{PREFIX}/subnets/{}", own.key));
+        etcd.delete(&subnet_path(own.key));
         assert_eq!(next_events(&mut src).await, [PeerEvent::Removed(own.key)]);
         // Compaction past the revision a source last saw: its watch starts at a
         // compacted revision, etcd cancels it, and the source re-lists (flanneld
@@ -335,7 +338,7 @@ fn the_watch_reports_peers_deletions_and_recovers_from_compaction() {
         let PeerUpdate::Snapshot(_) = stale.next_peers().await.unwrap() else {
             panic!()
         };
-        etcd.delete(&format!("{PREFIX}/subnets/{}", peer.key));
+        etcd.delete(&subnet_path(peer.key));
         let third = acquire(&etcd, 3).await;
         etcd.compact(etcd.revision());
         let update = tokio::time::timeout(Duration::from_secs(10), stale.next_peers())
@@ -347,7 +350,7 @@ fn the_watch_reports_peers_deletions_and_recovers_from_compaction() {
         };
         assert_eq!(now.iter().map(|l| l.key).collect::<Vec<_>>(), [third.key]);
         // ... and watches from there on.
-        etcd.delete(&format!("{PREFIX}/subnets/{}", third.key));
+        etcd.delete(&subnet_path(third.key));
         assert_eq!(
             next_events(&mut stale).await,
             [PeerEvent::Removed(third.key)]
@@ -391,7 +394,7 @@ fn the_watch_survives_an_etcd_restart() {
     assert!(matches!(err, Err(LeaseError::Store(_))), "{err:?}");
     etcd.start_again(0);
     etcd.put(
-        &format!("{PREFIX}/subnets/10.244.200.0-24"),
+        &subnet_path("10.244.200.0-24"),
         r#"{"PublicIP":"10.77.0.9","PublicIPv6":null,"BackendType":"vxlan"}"#,
     );
     let events = rt.block_on(async {
@@ -472,15 +475,8 @@ fn tls_with_client_certificates() {
         key_file: Some(etcd.client_key_path().into()),
         ..connect_opts(&etcd)
     };
-    let lease = rt.block_on(async {
-        let mut src = EtcdSource::connect(&opts).await.unwrap();
-        let config = src.network_config().await.unwrap();
-        src.acquire(&config, &request(1)).await.unwrap()
-    });
-    assert!(
-        etcd.get(&format!("{PREFIX}/subnets/{}", lease.key))
-            .is_some()
-    );
+    let (_, lease) = rt.block_on(leased(&opts, &request(1)));
+    assert!(etcd.get(&subnet_path(lease.key)).is_some());
     // An untrusted client certificate, and no certificate at all, are refused.
     for (cert, key) in [
         (
@@ -546,8 +542,7 @@ fn missing_config_and_a_full_pool_are_reported() {
         rt.block_on(acquire(&etcd, n));
     }
     let err = rt.block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
+        let (mut src, config) = configured(&connect_opts(&etcd)).await;
         src.acquire(&config, &request(4)).await
     });
     assert_eq!(err, Err(LeaseError::OutOfSubnets));
@@ -585,11 +580,7 @@ fn user_and_password_auth() {
         ..connect_opts(&etcd)
     };
     let lease = rt.block_on(async {
-        let mut src = EtcdSource::connect(&with(Some("root"), "s3cret"))
-            .await
-            .unwrap();
-        let config = src.network_config().await.unwrap();
-        let lease = src.acquire(&config, &request(1)).await.unwrap();
+        let (mut src, lease) = leased(&with(Some("root"), "s3cret"), &request(1)).await;
         let (leases, _) = src.list().await.unwrap();
         assert_eq!(
             leases.iter().map(|l| l.key).collect::<Vec<_>>(),
@@ -621,10 +612,8 @@ fn a_deleted_key_is_restored_under_its_own_etcd_lease() {
     }
     let etcd = started(CONFIG);
     rt().block_on(async {
-        let mut src = source(&etcd).await;
-        let config = src.network_config().await.unwrap();
-        let lease = src.acquire(&config, &request(1)).await.unwrap();
-        let path = format!("{PREFIX}/subnets/{}", lease.key);
+        let (mut src, lease) = leased(&connect_opts(&etcd), &request(1)).await;
+        let path = subnet_path(lease.key);
         // Deleting a key leaves its etcd lease alive: restoring reuses it.
         etcd.delete(&path);
         let back = src.restore(&lease).await.unwrap().unwrap();

@@ -3,29 +3,19 @@
 //! code under test runs on a thread inside the node's namespace (`NetNs::run`), so the
 //! `nft` processes it spawns live there; the checks go through `nsenter … nft`.
 
-use netns_tests::{TestNetns, join, require_root};
+use netns_tests::{
+    TestNetns, exec_line, has_nft_table, inside, join, nft, nft_delete_rule, require_root,
+};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
-use weft_core::netns::NetNs;
 use weft_core::node_masq::{self, NodeMasq};
 
-/// Run `f` inside `ns` (on a throwaway thread).
-fn inside<T: Send>(ns: &TestNetns, f: impl FnOnce() -> T + Send) -> T {
-    NetNs::open(ns.path()).unwrap().run(f).unwrap()
-}
-
-fn nft_in(ns: &TestNetns, args: &[&str]) -> String {
-    let mut argv = vec!["nft"];
-    argv.extend_from_slice(args);
-    ns.exec_ok(&argv)
-}
-
 fn table(ns: &TestNetns) -> String {
-    nft_in(ns, &["list", "table", "inet", node_masq::TABLE])
+    nft(ns, &["list", "table", "inet", node_masq::TABLE])
 }
 
 fn has_table(ns: &TestNetns) -> bool {
-    nft_in(ns, &["list", "tables"]).contains(&format!("table inet {}\n", node_masq::TABLE))
+    has_nft_table(ns, "inet", node_masq::TABLE)
 }
 
 fn v4() -> NodeMasq {
@@ -56,17 +46,14 @@ fn check(ns: &TestNetns, nm: &NodeMasq) -> Result<(), String> {
     inside(ns, || nm.check())
 }
 
-/// The handle of the rule of `chain` whose comment is `comment` (`nft -a list`).
-fn handle_of(ns: &TestNetns, chain: &str, comment: &str) -> String {
-    let listing = nft_in(
-        ns,
-        &["-a", "list", "chain", "inet", node_masq::TABLE, chain],
-    );
-    let line = listing
-        .lines()
-        .find(|l| l.contains(&format!("comment \"{comment}\"")))
-        .unwrap_or_else(|| panic!("no rule with comment {comment:?} in {listing}"));
-    line.rsplit("# handle ").next().unwrap().trim().to_string()
+/// `check` fails naming each of `wants`; `apply` repairs, and `check` passes.
+fn assert_repaired(ns: &TestNetns, nm: &NodeMasq, wants: &[&str]) {
+    let err = check(ns, nm).unwrap_err();
+    for want in wants {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    apply(ns, nm);
+    check(ns, nm).unwrap();
 }
 
 const EXPECTED_V4: &str = r#"table inet weft_node {
@@ -155,19 +142,7 @@ fn check_names_a_rule_deleted_by_hand_and_apply_repairs() {
     check(&ns, &nm).unwrap();
 
     let comment = "weft ip-masq v4: outside to node pods, keep source";
-    let h = handle_of(&ns, "postrtg", comment);
-    nft_in(
-        &ns,
-        &[
-            "delete",
-            "rule",
-            "inet",
-            "weft_node",
-            "postrtg",
-            "handle",
-            &h,
-        ],
-    );
+    nft_delete_rule(&ns, "inet weft_node postrtg", comment);
     let err = check(&ns, &nm).unwrap_err();
     assert_eq!(
         err,
@@ -180,93 +155,51 @@ fn check_names_a_rule_deleted_by_hand_and_apply_repairs() {
     check(&ns, &nm).unwrap();
 
     // A forward rule deleted, a policy changed, a rule added.
-    let h = handle_of(&ns, "forward", "weft forward v6: to cluster network");
-    nft_in(
+    nft_delete_rule(
         &ns,
+        "inet weft_node forward",
+        "weft forward v6: to cluster network",
+    );
+    exec_line(
+        &ns,
+        "nft add chain inet weft_node forward { type filter hook forward priority filter; policy drop; }",
+    );
+    exec_line(
+        &ns,
+        "nft insert rule inet weft_node postrtg counter masquerade",
+    );
+    assert_repaired(
+        &ns,
+        &nm,
         &[
-            "delete",
-            "rule",
-            "inet",
-            "weft_node",
-            "forward",
-            "handle",
-            &h,
+            "chain postrtg: unexpected rule (handle ",
+            "`{\"counter\":",
+            "chain forward is `type filter hook forward prio 0 policy drop`",
+            "rule \"weft forward v6: to cluster network\" is missing",
         ],
     );
-    nft_in(
-        &ns,
-        &[
-            "add",
-            "chain",
-            "inet",
-            "weft_node",
-            "forward",
-            "{ type filter hook forward priority filter; policy drop; }",
-        ],
-    );
-    nft_in(
-        &ns,
-        &[
-            "insert",
-            "rule",
-            "inet",
-            "weft_node",
-            "postrtg",
-            "counter",
-            "masquerade",
-        ],
-    );
-    let err = check(&ns, &nm).unwrap_err();
-    for want in [
-        "chain postrtg: unexpected rule (handle ",
-        "`{\"counter\":",
-        "chain forward is `type filter hook forward prio 0 policy drop`",
-        "rule \"weft forward v6: to cluster network\" is missing",
-    ] {
-        assert!(err.contains(want), "{want}: {err}");
-    }
-    apply(&ns, &nm);
-    check(&ns, &nm).unwrap();
     assert!(table(&ns).contains("policy accept"));
 
     // The nat chain re-created with another priority (`add chain` cannot change it
     // back), a foreign chain and set in our table: apply replaces the table.
-    nft_in(&ns, &["flush", "chain", "inet", "weft_node", "postrtg"]);
-    nft_in(&ns, &["delete", "chain", "inet", "weft_node", "postrtg"]);
-    nft_in(
+    nft(&ns, &["flush", "chain", "inet", "weft_node", "postrtg"]);
+    nft(&ns, &["delete", "chain", "inet", "weft_node", "postrtg"]);
+    exec_line(
         &ns,
+        "nft add chain inet weft_node postrtg { type nat hook postrouting priority 50; policy accept; }",
+    );
+    nft(&ns, &["add", "chain", "inet", "weft_node", "extra"]);
+    exec_line(&ns, "nft add set inet weft_node s { type ipv4_addr; }");
+    assert_repaired(
+        &ns,
+        &nm,
         &[
-            "add",
-            "chain",
-            "inet",
-            "weft_node",
-            "postrtg",
-            "{ type nat hook postrouting priority 50; policy accept; }",
+            "chain postrtg is `type nat hook postrouting prio 50 policy accept`",
+            "rule \"weft ip-masq: kube-proxy mark 0x4000, kube-proxy masquerades it\" is missing",
+            "unexpected chain extra",
+            "unexpected set s",
         ],
     );
-    nft_in(&ns, &["add", "chain", "inet", "weft_node", "extra"]);
-    nft_in(
-        &ns,
-        &[
-            "add",
-            "set",
-            "inet",
-            "weft_node",
-            "s",
-            "{ type ipv4_addr; }",
-        ],
-    );
-    let err = check(&ns, &nm).unwrap_err();
-    for want in [
-        "chain postrtg is `type nat hook postrouting prio 50 policy accept`",
-        "rule \"weft ip-masq: kube-proxy mark 0x4000, kube-proxy masquerades it\" is missing",
-        "unexpected chain extra",
-        "unexpected set s",
-    ] {
-        assert!(err.contains(want), "{want}: {err}");
-    }
-    apply(&ns, &nm);
-    check(&ns, &nm).unwrap();
     let listing = table(&ns);
     assert!(
         !listing.contains("extra") && !listing.contains("set s"),
@@ -274,7 +207,7 @@ fn check_names_a_rule_deleted_by_hand_and_apply_repairs() {
     );
 
     // The table deleted by hand.
-    nft_in(&ns, &["delete", "table", "inet", "weft_node"]);
+    nft(&ns, &["delete", "table", "inet", "weft_node"]);
     assert_eq!(
         check(&ns, &nm).unwrap_err(),
         "table inet weft_node does not exist"
@@ -372,37 +305,23 @@ fn foreign_tables_are_untouched() {
     }
     let ns = TestNetns::new();
     // kube-proxy's nftables table and an iptables-nft-like one, each with a rule.
-    nft_in(&ns, &["add", "table", "ip", "kube-proxy"]);
-    nft_in(
+    nft(&ns, &["add", "table", "ip", "kube-proxy"]);
+    exec_line(
         &ns,
-        &[
-            "add",
-            "chain",
-            "ip",
-            "kube-proxy",
-            "nat-postrouting",
-            "{ type nat hook postrouting priority srcnat; policy accept; }",
-        ],
+        "nft add chain ip kube-proxy nat-postrouting { type nat hook postrouting priority srcnat; policy accept; }",
     );
-    nft_in(
+    exec_line(
         &ns,
-        &[
-            "add",
-            "rule",
-            "ip",
-            "kube-proxy",
-            "nat-postrouting",
-            "meta mark & 0x4000 == 0x4000 masquerade",
-        ],
+        "nft add rule ip kube-proxy nat-postrouting meta mark & 0x4000 == 0x4000 masquerade",
     );
-    nft_in(&ns, &["add", "table", "inet", "weft_masq"]);
-    nft_in(&ns, &["add", "chain", "inet", "weft_masq", "c"]);
-    let before = nft_in(&ns, &["list", "ruleset"]);
+    nft(&ns, &["add", "table", "inet", "weft_masq"]);
+    nft(&ns, &["add", "chain", "inet", "weft_masq", "c"]);
+    let before = nft(&ns, &["list", "ruleset"]);
     apply(&ns, &dual());
-    let during = nft_in(&ns, &["list", "ruleset"]);
+    let during = nft(&ns, &["list", "ruleset"]);
     assert!(during.starts_with(&before), "{during}");
     inside(&ns, NodeMasq::remove).unwrap();
-    assert_eq!(nft_in(&ns, &["list", "ruleset"]), before);
+    assert_eq!(nft(&ns, &["list", "ruleset"]), before);
 }
 
 // ---------------------------------------------------------------------------------
@@ -432,8 +351,10 @@ fn source_seen(from: &TestNetns, to: &TestNetns, addr: &str, port: u16) -> IpAdd
     peer.ip()
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
+/// A connection from `from` to `addr:port`, where `to` listens, arrives from `want`.
+fn assert_source(from: &TestNetns, to: &TestNetns, addr: &str, port: u16, want: &str) {
+    let want: IpAddr = want.parse().unwrap();
+    assert_eq!(source_seen(from, to, addr, port), want, "to {addr}:{port}");
 }
 
 /// pod (10.244.1.2, this node's subnet) — node — outside (192.0.2.1), and peer
@@ -476,110 +397,47 @@ fn pods_are_masqueraded_to_the_outside_only() {
         ns.exec_ok(&["ip", "addr", "add", addr, "dev", dev, "nodad"]);
     }
     pod.exec_ok(&["ip", "route", "add", "default", "via", "10.244.1.1"]);
-    pod.exec_ok(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd00:10:244:1::1",
-    ]);
+    exec_line(&pod, "ip -6 route add default via fd00:10:244:1::1");
     peer.exec_ok(&["ip", "route", "add", "default", "via", "10.244.2.1"]);
     // The outside can route to the pods, so unmasqueraded traffic works too and the
     // source address alone tells whether it was masqueraded.
     outside.exec_ok(&["ip", "route", "add", "10.244.0.0/16", "via", "192.0.2.2"]);
-    outside.exec_ok(&[
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "fd00:10:244::/56",
-        "via",
-        "2001:db8::2",
-    ]);
+    exec_line(&outside, "ip -6 route add fd00:10:244::/56 via 2001:db8::2");
     node.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     node.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
 
     // Before: nothing is masqueraded.
-    assert_eq!(
-        source_seen(&pod, &outside, "192.0.2.1", 8000),
-        ip("10.244.1.2")
-    );
+    assert_source(&pod, &outside, "192.0.2.1", 8000, "10.244.1.2");
 
     apply(&node, &dual());
     inside(&node, || dual().check()).unwrap();
 
     // This node's pods to the outside: masqueraded to the node's address there.
-    assert_eq!(
-        source_seen(&pod, &outside, "192.0.2.1", 8001),
-        ip("192.0.2.2")
-    );
-    assert_eq!(
-        source_seen(&pod, &outside, "2001:db8::1", 8002),
-        ip("2001:db8::2")
-    );
+    assert_source(&pod, &outside, "192.0.2.1", 8001, "192.0.2.2");
+    assert_source(&pod, &outside, "2001:db8::1", 8002, "2001:db8::2");
     // Pod to pod (another node's subnet) and back: the source is kept.
-    assert_eq!(
-        source_seen(&pod, &peer, "10.244.2.2", 8003),
-        ip("10.244.1.2")
-    );
-    assert_eq!(
-        source_seen(&peer, &pod, "10.244.1.2", 8004),
-        ip("10.244.2.2")
-    );
+    assert_source(&pod, &peer, "10.244.2.2", 8003, "10.244.1.2");
+    assert_source(&peer, &pod, "10.244.1.2", 8004, "10.244.2.2");
     // The outside to this node's pods: kept.
-    assert_eq!(
-        source_seen(&outside, &pod, "10.244.1.2", 8005),
-        ip("192.0.2.1")
-    );
-    assert_eq!(
-        source_seen(&outside, &pod, "fd00:10:244:1::2", 8006),
-        ip("2001:db8::1")
-    );
+    assert_source(&outside, &pod, "10.244.1.2", 8005, "192.0.2.1");
+    assert_source(&outside, &pod, "fd00:10:244:1::2", 8006, "2001:db8::1");
     // The outside to other nodes' pods: masqueraded.
-    assert_eq!(
-        source_seen(&outside, &peer, "10.244.2.2", 8007),
-        ip("10.244.2.1")
-    );
+    assert_source(&outside, &peer, "10.244.2.2", 8007, "10.244.2.1");
 
     // What kube-proxy marked 0x4000 is left to kube-proxy.
-    nft_in(&node, &["add", "table", "ip", "kp_test"]);
-    nft_in(
+    nft(&node, &["add", "table", "ip", "kp_test"]);
+    exec_line(
         &node,
-        &[
-            "add",
-            "chain",
-            "ip",
-            "kp_test",
-            "pre",
-            "{ type filter hook prerouting priority mangle; policy accept; }",
-        ],
+        "nft add chain ip kp_test pre { type filter hook prerouting priority mangle; policy accept; }",
     );
-    nft_in(
+    exec_line(
         &node,
-        &[
-            "add",
-            "rule",
-            "ip",
-            "kp_test",
-            "pre",
-            "tcp dport 8008 meta mark set meta mark | 0x4000",
-        ],
+        "nft add rule ip kp_test pre tcp dport 8008 meta mark set meta mark | 0x4000",
     );
-    assert_eq!(
-        source_seen(&pod, &outside, "192.0.2.1", 8008),
-        ip("10.244.1.2")
-    );
-    assert_eq!(
-        source_seen(&pod, &outside, "192.0.2.1", 8009),
-        ip("192.0.2.2")
-    );
+    assert_source(&pod, &outside, "192.0.2.1", 8008, "10.244.1.2");
+    assert_source(&pod, &outside, "192.0.2.1", 8009, "192.0.2.2");
 
     // Removed: new connections are not masqueraded any more.
     inside(&node, NodeMasq::remove).unwrap();
-    assert_eq!(
-        source_seen(&pod, &outside, "192.0.2.1", 8010),
-        ip("10.244.1.2")
-    );
+    assert_source(&pod, &outside, "192.0.2.1", 8010, "10.244.1.2");
 }

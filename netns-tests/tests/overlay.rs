@@ -13,7 +13,7 @@ use netns_tests::weftd_cluster::{
     Cluster, HOST_GW_CONFIG, NETWORK, Node, Pod, READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key,
     metric, network_addr, wait_for,
 };
-use netns_tests::{TestNetns, require_root};
+use netns_tests::{TestNetns, exec_line, inside, require_root};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -132,14 +132,6 @@ fn others(c: &Cluster, i: usize) -> Vec<&Node> {
         .collect()
 }
 
-/// Run `f` inside `ns` (on a throwaway thread); sockets keep that namespace.
-fn inside<T: Send>(ns: &TestNetns, f: impl FnOnce() -> T + Send) -> T {
-    NetNs::open(ns.path())
-        .expect("opening the pod netns")
-        .run(f)
-        .expect("entering the pod netns")
-}
-
 /// Wait until `from` pings `to` (first packets may race the last entries).
 fn wait_ping(from: &Pod, to: &Pod) {
     wait_for(
@@ -202,8 +194,18 @@ fn tcp_transfer(from: &Pod, to: &Pod, len: usize) {
     assert!(got == data, "{what}: the bytes arrived changed");
 }
 
+/// Two pods on node 1 (`pod-1a`, `pod-1b`), one each on nodes 2 and 3.
+fn four_pods(c: &Cluster) -> [Pod; 4] {
+    [
+        c.node(1).add_pod("pod-1a"),
+        c.node(1).add_pod("pod-1b"),
+        c.node(2).add_pod("pod-2"),
+        c.node(3).add_pod("pod-3"),
+    ]
+}
+
 /// Every pod pings every pod on another node, and talks TCP to it.
-fn all_pods_talk(pods: &[&Pod]) {
+fn all_pods_talk(pods: &[Pod]) {
     for a in pods {
         for b in pods {
             if a.node != b.node {
@@ -270,12 +272,7 @@ fn pods_on_three_vxlan_nodes_reach_each_other() {
         let env = c.node(i).flannel_env();
         assert_eq!((env.network.as_str(), env.mtu), (NETWORK, 1450), "{env:?}");
     }
-    let pods = [
-        c.node(1).add_pod("pod-1a"),
-        c.node(1).add_pod("pod-1b"),
-        c.node(2).add_pod("pod-2"),
-        c.node(3).add_pod("pod-3"),
-    ];
+    let pods = four_pods(&c);
     for p in &pods {
         assert_eq!(
             mtu(&p.ns, "eth0"),
@@ -311,8 +308,7 @@ fn pods_on_three_vxlan_nodes_reach_each_other() {
         wait_entries("vxlan entries", c.node(i), &Entries::vxlan(&others(&c, i)));
     }
 
-    let refs: Vec<&Pod> = pods.iter().collect();
-    all_pods_talk(&refs);
+    all_pods_talk(&pods);
     // Pods of one node talk over cni0.
     wait_ping(&pods[0], &pods[1]);
 
@@ -410,17 +406,11 @@ fn pods_on_host_gw_nodes_reach_each_other() {
             &Entries::host_gw(&others(&c, i)),
         );
     }
-    let pods = [
-        c.node(1).add_pod("pod-1a"),
-        c.node(1).add_pod("pod-1b"),
-        c.node(2).add_pod("pod-2"),
-        c.node(3).add_pod("pod-3"),
-    ];
+    let pods = four_pods(&c);
     for p in &pods {
         assert_eq!(mtu(&p.ns, "eth0"), 1500);
     }
-    let refs: Vec<&Pod> = pods.iter().collect();
-    all_pods_talk(&refs);
+    all_pods_talk(&pods);
     // Full-size frames need no encapsulation.
     let out = pods[0].ns.exec(&[
         "ping",
@@ -451,78 +441,33 @@ fn a_leaving_peer_is_removed_and_hand_deleted_state_is_repaired() {
     // Hand-made damage to node 2's entries on node 1: each comes back.
     let s2 = n2.leased_subnet();
     let (gw2, mac2) = (network_addr(&s2).to_string(), n2.vtep_mac());
-    n1.ns.exec_ok(&["ip", "route", "del", &s2]);
-    n1.ns
-        .exec_ok(&["ip", "neigh", "del", &gw2, "dev", "flannel.1"]);
-    n1.ns.exec_ok(&[
-        "bridge",
-        "fdb",
-        "del",
-        &mac2,
-        "dev",
-        "flannel.1",
-        "dst",
-        &n2.ip,
-        "self",
-    ]);
+    let run = |line: &str| exec_line(&n1.ns, line);
+    run(&format!("ip route del {s2}"));
+    run(&format!("ip neigh del {gw2} dev flannel.1"));
+    run(&format!(
+        "bridge fdb del {mac2} dev flannel.1 dst {} self",
+        n2.ip
+    ));
     let damaged = Entries::of(n1);
     assert_ne!(damaged, full, "the deletions took");
     wait_entries("route, neighbour and fdb entry repaired", n1, &full);
 
     // Changed by hand, with iproute2's default protocol and states: the route
     // points elsewhere, the neighbour and the FDB entry name a wrong MAC / dst.
-    n1.ns.exec_ok(&[
-        "ip",
-        "route",
-        "replace",
-        &s2,
-        "via",
-        "10.77.0.99",
-        "dev",
-        "eth0",
-    ]);
-    n1.ns.exec_ok(&[
-        "ip",
-        "neigh",
-        "replace",
-        &gw2,
-        "lladdr",
-        "0e:77:00:00:00:42",
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    n1.ns.exec_ok(&[
-        "bridge",
-        "fdb",
-        "replace",
-        &mac2,
-        "dev",
-        "flannel.1",
-        "dst",
-        "10.77.0.99",
-        "self",
-        "permanent",
-    ]);
+    run(&format!("ip route replace {s2} via 10.77.0.99 dev eth0"));
+    run(&format!(
+        "ip neigh replace {gw2} lladdr 0e:77:00:00:00:42 dev flannel.1 nud permanent"
+    ));
+    run(&format!(
+        "bridge fdb replace {mac2} dev flannel.1 dst 10.77.0.99 self permanent"
+    ));
     assert_ne!(Entries::of(n1), full, "the changes took");
     wait_entries("route, neighbour and fdb entry put back", n1, &full);
 
     // A permanent neighbour on the VTEP that no peer needs goes too (the VTEP's
     // permanent entries are weftd's). FDB entries: see
     // `a_stray_fdb_entry_added_with_iproute2_is_removed`.
-    n1.ns.exec_ok(&[
-        "ip",
-        "neigh",
-        "add",
-        "10.244.254.0",
-        "lladdr",
-        "0e:77:00:00:00:99",
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
+    run("ip neigh add 10.244.254.0 lladdr 0e:77:00:00:00:99 dev flannel.1 nud permanent");
     assert_ne!(Entries::of(n1), full);
     wait_entries("stray neighbour removed", n1, &full);
 
@@ -538,30 +483,12 @@ fn a_leaving_peer_is_removed_and_hand_deleted_state_is_repaired() {
     // route of another protocol for another such subnet stays.
     let stale = c.free_subnet(&[]);
     let foreign = c.free_subnet(&[&stale]);
-    n1.ns.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        &stale,
-        "via",
-        "10.77.0.99",
-        "dev",
-        "eth0",
-        "proto",
-        "87",
-    ]);
-    n1.ns.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        &foreign,
-        "via",
-        "10.77.0.99",
-        "dev",
-        "eth0",
-        "proto",
-        "static",
-    ]);
+    run(&format!(
+        "ip route add {stale} via 10.77.0.99 dev eth0 proto 87"
+    ));
+    run(&format!(
+        "ip route add {foreign} via 10.77.0.99 dev eth0 proto static"
+    ));
     wait_entries("stale proto 87 route removed", n1, &Entries::vxlan(&[n2]));
     let kept = n1.lines(&["ip", "route", "show", "proto", "static"]);
     assert_eq!(
@@ -600,8 +527,7 @@ fn switching_a_node_from_vxlan_to_host_gw() {
     let pods: Vec<Pod> = (1..=3)
         .map(|i| c.node(i).add_pod(&format!("pod-{i}")))
         .collect();
-    let refs: Vec<&Pod> = pods.iter().collect();
-    all_pods_talk(&refs);
+    all_pods_talk(&pods);
 
     // The operator switches the backend and restarts every weftd.
     c.etcd()
@@ -625,7 +551,7 @@ fn switching_a_node_from_vxlan_to_host_gw() {
         assert_eq!(c.node(i).flannel_env().mtu, 1500);
         wait_entries_routes_host_gw(&c, i);
     }
-    all_pods_talk(&refs);
+    all_pods_talk(&pods);
 
     // What is left of the vxlan backend (reported, not asserted).
     for node in &c.nodes {
@@ -715,18 +641,10 @@ fn a_stray_fdb_entry_added_with_iproute2_is_removed() {
     wait_entries("a stray NUD_PERMANENT fdb entry removed", n1, &want);
 
     // Written with iproute2 (NUD_NOARP|NUD_PERMANENT, `self permanent` too).
-    n1.ns.exec_ok(&[
-        "bridge",
-        "fdb",
-        "append",
-        "0e:77:00:00:00:99",
-        "dev",
-        "flannel.1",
-        "dst",
-        "10.77.0.99",
-        "self",
-        "permanent",
-    ]);
+    exec_line(
+        &n1.ns,
+        "bridge fdb append 0e:77:00:00:00:99 dev flannel.1 dst 10.77.0.99 self permanent",
+    );
     let shown = n1.vtep_fdb();
     assert!(
         shown.contains(&"0e:77:00:00:00:99 dst 10.77.0.99 self permanent".to_string()),

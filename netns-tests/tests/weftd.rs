@@ -1,330 +1,25 @@
 //! weftd, the flanneld drop-in, end to end: the real binary in node namespaces
-//! leasing subnets from a real etcd in an "underlay" namespace.
+//! leasing subnets from a real etcd in an "underlay" namespace, or from no store at
+//! all (`--pod-cidr`, and Kubernetes mode with a fake API server in the node netns).
 //!
-//! Topology: etcd listens on 10.77.0.100 in the underlay netns; node `i` (1-based)
-//! is a netns whose `eth0` (10.77.0.i/24, MTU 1500) is a veth into the underlay,
-//! where all nodes' veths share one bridge (br0, which holds 10.77.0.100/24). weftd
-//! runs inside a node netns (`nsenter --net`) with its health server on
-//! 127.0.0.1:8081 there; tests talk to it with curl, in that netns too. In
-//! Kubernetes mode (`--kube-subnet-mgr`) there is no etcd: the fake API server of
-//! `netns_tests::kube_api` runs in the node netns, on 10.99.0.1 (on its `lo`).
+//! Harness (topology, the weftd process, the fake API server's place):
+//! [`netns_tests::weftd_cluster`].
 
-use netns_tests::etcd::{EtcdCluster, EtcdOptions};
-use netns_tests::kube_api::{DEFAULT_TOKEN, FakeApiOptions, FakeApiServer, recorded_node};
-use netns_tests::{TempDir, TestNetns, die_with_thread, netns_command, require_root};
+use netns_tests::etcd::EtcdCluster;
+use netns_tests::kube_api::{FakeApiServer, recorded_node};
+use netns_tests::weftd_cluster::{
+    CONFIG_KEY, Cluster, EXIT_TIMEOUT, HOST_GW_CONFIG, Node, READY_TIMEOUT, VXLAN_CONFIG, Weftd,
+    assert_samples, first_host, lease_key, lease_value, wait_for,
+};
+use netns_tests::{exec_line, nft_delete_rule, require_root};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-use weft_core::lease::kube::SERVICE_ACCOUNT_DIR_ENV;
 
-const ETCD_IP: &str = "10.77.0.100";
-const ENDPOINT: &str = "http://10.77.0.100:2379";
-const HEALTHZ_PORT: u16 = 8081;
-const CONFIG_KEY: &str = "/coreos.com/network/config";
-const SUBNETS: &str = "/coreos.com/network/subnets/";
-const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
-/// What weftd's Kubernetes mode reads from the environment besides FLANNELD_*.
-const KUBE_ENV: [&str; 6] = [
-    "KUBERNETES_SERVICE_HOST",
-    "KUBERNETES_SERVICE_PORT",
-    SERVICE_ACCOUNT_DIR_ENV,
-    "NODE_NAME",
-    "POD_NAME",
-    "POD_NAMESPACE",
-];
-/// The fake Kubernetes API server's address, on the node's `lo`.
-const KUBE_API_IP: &str = "10.99.0.1";
 /// flanneld's default annotation prefix.
 const ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com/";
-/// How long weftd may take to become ready (etcd is local; this is slack only).
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a process may take to exit on its own or after SIGTERM.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(100);
-
-// --- topology ---------------------------------------------------------------------
-
-/// One node: its netns, its address on the underlay and a scratch dir for
-/// subnet.env, the network config file and weftd's logs.
-struct Node {
-    ns: TestNetns,
-    ip: String,
-    dir: TempDir,
-}
-
-/// The underlay with etcd (or none) and `n` nodes. Fields drop in declaration
-/// order: etcd before the namespaces it lives in.
-struct Cluster {
-    etcd: Option<EtcdCluster>,
-    nodes: Vec<Node>,
-    /// Kept alive (etcd and the bridge live there); never read.
-    _underlay: TestNetns,
-}
-
-impl Cluster {
-    /// `n` nodes and a plain-HTTP etcd holding the vxlan network config.
-    fn new(n: usize) -> Cluster {
-        let c = Cluster::build(n, Some(false));
-        c.etcd().put(CONFIG_KEY, VXLAN_CONFIG);
-        c
-    }
-
-    /// `etcd`: None for no etcd at all, Some(tls) otherwise. No network config.
-    /// Must run on the test's thread: etcd dies with the thread that started it.
-    fn build(n: usize, etcd: Option<bool>) -> Cluster {
-        let underlay = TestNetns::new();
-        let nodes: Vec<Node> = (1..=n)
-            .map(|i| Node {
-                ns: TestNetns::new(),
-                ip: format!("10.77.0.{i}"),
-                dir: TempDir::new("weftd-node"),
-            })
-            .collect();
-        if n == 1 {
-            netns_tests::join(
-                &underlay,
-                ("u1", "10.77.0.100/24"),
-                &nodes[0].ns,
-                ("eth0", "10.77.0.1/24"),
-            );
-        } else {
-            underlay.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-            underlay.exec_ok(&["ip", "addr", "add", "10.77.0.100/24", "dev", "br0", "nodad"]);
-            underlay.exec_ok(&["ip", "link", "set", "br0", "up"]);
-            for (i, node) in nodes.iter().enumerate() {
-                let port = format!("u{}", i + 1);
-                let pid = node.ns.pid().to_string();
-                underlay.exec_ok(&[
-                    "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                    &pid,
-                ]);
-                underlay.exec_ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
-                let addr = format!("{}/24", node.ip);
-                node.ns
-                    .exec_ok(&["ip", "addr", "add", &addr, "dev", "eth0", "nodad"]);
-                node.ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-            }
-        }
-        let etcd = etcd.map(|tls| {
-            EtcdCluster::start(EtcdOptions {
-                tls,
-                netns: Some(&underlay),
-                ip: ETCD_IP,
-                ..Default::default()
-            })
-        });
-        let c = Cluster {
-            etcd,
-            nodes,
-            _underlay: underlay,
-        };
-        // Every node reaches etcd's address over the underlay.
-        for node in &c.nodes {
-            node.ns
-                .exec_ok(&["ping", "-c", "1", "-W", "5", "-q", ETCD_IP]);
-        }
-        c
-    }
-
-    /// One node and no etcd at all (the endpoint leads nowhere), `net_conf` its
-    /// net-conf.json: the cluster and that file's path, for --net-config-path.
-    fn storeless(net_conf: &str) -> (Cluster, String) {
-        let c = Cluster::build(1, None);
-        let conf = c.node(1).net_conf(net_conf);
-        (c, conf)
-    }
-
-    fn etcd(&self) -> &EtcdCluster {
-        self.etcd.as_ref().expect("this cluster has etcd")
-    }
-
-    fn etcd_mut(&mut self) -> &mut EtcdCluster {
-        self.etcd.as_mut().expect("this cluster has etcd")
-    }
-
-    fn node(&self, i: usize) -> &Node {
-        &self.nodes[i - 1]
-    }
-
-    /// All lease keys with their values.
-    fn leases(&self) -> Vec<(String, String)> {
-        self.etcd().get_prefix(SUBNETS)
-    }
-}
-
-impl Node {
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("subnet.env")
-    }
-
-    fn subnet_env(&self) -> Option<String> {
-        std::fs::read_to_string(self.subnet_file()).ok()
-    }
-
-    /// Write `json` as this node's net-conf.json; its path, for --net-config-path.
-    fn net_conf(&self, json: &str) -> String {
-        let path = self.dir.join("net-conf.json");
-        std::fs::write(&path, json).expect("writing net-conf.json");
-        path.display().to_string()
-    }
-
-    /// The arguments every test starts weftd with, then `extra`.
-    fn args(&self, extra: &[&str]) -> Vec<String> {
-        let subnet_file = self.subnet_file().display().to_string();
-        let port = HEALTHZ_PORT.to_string();
-        let mut args: Vec<String> = [
-            "--etcd-endpoints",
-            ENDPOINT,
-            "--iface",
-            "eth0",
-            "--subnet-file",
-            &subnet_file,
-            "--healthz-ip",
-            "127.0.0.1",
-            "--healthz-port",
-            &port,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    }
-
-    /// Start weftd with the usual arguments plus `extra`.
-    fn weftd(&self, extra: &[&str]) -> Weftd {
-        Weftd::spawn(self, &self.args(extra), &[])
-    }
-
-    /// Start weftd with the usual arguments plus `extra` and wait until it is
-    /// ready.
-    fn ready_weftd(&self, extra: &[&str]) -> Weftd {
-        let mut weftd = self.weftd(extra);
-        self.wait_ready(&mut weftd);
-        weftd
-    }
-
-    /// Start weftd with the fixed subnet 10.244.7.0/24 (`--pod-cidr`) and the
-    /// net-conf.json `conf`, and wait until it is ready.
-    fn pod_cidr_weftd(&self, conf: &str) -> Weftd {
-        self.ready_weftd(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", conf])
-    }
-
-    /// A fake Kubernetes API server (the recorded nodes) in this node's netns,
-    /// listening on [`KUBE_API_IP`], which goes on `lo`, and a token kubeconfig
-    /// for it: the server and the kubeconfig's path. Drop the server first.
-    fn kube_api(&self) -> (FakeApiServer, String) {
-        let addr = format!("{KUBE_API_IP}/32");
-        self.ns.exec_ok(&["ip", "addr", "add", &addr, "dev", "lo"]);
-        let api = FakeApiServer::start(FakeApiOptions {
-            netns: Some(&self.ns),
-            ip: KUBE_API_IP,
-            ..Default::default()
-        });
-        let path = self.dir.join("kubeconfig");
-        std::fs::write(&path, api.kubeconfig(&format!("token: {DEFAULT_TOKEN}")))
-            .expect("writing the kubeconfig");
-        (api, path.display().to_string())
-    }
-
-    /// GET `path` from weftd's health server: (HTTP status, body); status 0 when
-    /// curl could not connect (body: curl's error).
-    fn http(&self, path: &str) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{HEALTHZ_PORT}{path}");
-        let out = self.ns.exec(&[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ]);
-        if !out.status.success() {
-            return (0, String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').expect("curl -w adds a line");
-        (
-            code.trim().parse().expect("an HTTP status"),
-            body.to_string(),
-        )
-    }
-
-    fn metrics(&self) -> String {
-        let (code, body) = self.http("/metrics");
-        assert_eq!(code, 200, "/metrics: {body}");
-        body
-    }
-
-    /// Wait until /metrics has sample `name` at `value` (within `timeout`); the
-    /// exposition that had it.
-    fn wait_metric(&self, name: &str, value: &str, timeout: Duration) -> String {
-        wait_for(&format!("{name} {value} in /metrics"), timeout, || {
-            let m = self.metrics();
-            (metric(&m, name).as_deref() == Some(value)).then_some(m)
-        })
-    }
-
-    /// Wait until /readyz says 200; panics (with weftd's log) if it exits first.
-    fn wait_ready(&self, weftd: &mut Weftd) {
-        wait_for("weftd to become ready (/readyz 200)", READY_TIMEOUT, || {
-            weftd.assert_running();
-            (self.http("/readyz").0 == 200).then_some(())
-        });
-    }
-
-    /// The subnet leased per subnet.env: the `10.244.X.0/24` of `FLANNEL_SUBNET`.
-    fn leased_subnet(&self) -> String {
-        let env = self.subnet_env().expect("subnet.env exists");
-        let first = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-            .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {env:?}"));
-        let (addr, len) = first.split_once('/').expect("a CIDR");
-        let mut octets: Vec<&str> = addr.split('.').collect();
-        assert_eq!(
-            octets.pop(),
-            Some("1"),
-            "the first host of the subnet: {env}"
-        );
-        format!("{}.0/{len}", octets.join("."))
-    }
-
-    /// The MAC of weftd's VTEP in this node (`flannel.1`, vxlan's VNI 1).
-    fn vtep_mac(&self) -> String {
-        let link = self
-            .ns
-            .exec_json(&["ip", "-j", "link", "show", "dev", "flannel.1"]);
-        link[0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("flannel.1 has no MAC: {link}"))
-            .to_string()
-    }
-
-    /// This node's vxlan lease value: its address and its VTEP's MAC.
-    fn lease_value(&self) -> String {
-        lease_value(&self.ip, &self.vtep_mac())
-    }
-
-    fn nft(&self, args: &[&str]) -> String {
-        let mut argv = vec!["nft"];
-        argv.extend_from_slice(args);
-        self.ns.exec_ok(&argv)
-    }
-
-    fn has_weft_table(&self) -> bool {
-        self.nft(&["list", "tables"])
-            .lines()
-            .any(|l| l == "table inet weft_node")
-    }
-}
 
 /// Replace the value following `flag` in `args`.
 fn set_arg(args: &mut [String], flag: &str, value: &str) {
@@ -333,18 +28,6 @@ fn set_arg(args: &mut [String], flag: &str, value: &str) {
         .position(|a| a == flag)
         .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
     args[i + 1] = value.to_string();
-}
-
-/// `10.244.X.0/24` → `/coreos.com/network/subnets/10.244.X.0-24`.
-fn lease_key(subnet: &str) -> String {
-    format!("{SUBNETS}{}", subnet.replace('/', "-"))
-}
-
-/// A vxlan lease value as flanneld writes it: the public IP and the VTEP's MAC.
-fn lease_value(public_ip: &str, vtep_mac: &str) -> String {
-    format!(
-        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
-    )
 }
 
 /// The etcd lease `key` is attached to: Some(0) for none, None when the key is absent.
@@ -361,136 +44,6 @@ fn key_lease(etcd: &EtcdCluster, key: &str) -> Option<i64> {
     )
 }
 
-/// The value of sample `name` (no labels) in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map(str::to_string)
-}
-
-/// Poll `f` every 100 ms until it gives Some; panics naming `what` after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
-// --- the weftd process ------------------------------------------------------------
-
-/// A running weftd; SIGTERM, then SIGKILL on drop. Its stderr (the log) goes to a
-/// file, printed when the test fails.
-struct Weftd {
-    child: Child,
-    exited: Option<ExitStatus>,
-    log: PathBuf,
-}
-
-impl Weftd {
-    /// `nsenter --net=<node> weftd args...`, with `env` set and no FLANNELD_*,
-    /// [`KUBE_ENV`] or WEFT_LOG variables of the developer's (or of a CI pod's).
-    /// nsenter execs weftd (no --pid/--fork), so the child is weftd itself and dies
-    /// with this thread ([`die_with_thread`]).
-    fn spawn(node: &Node, args: &[String], env: &[(&str, &str)]) -> Weftd {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let bin = netns_tests::bin_dir().join("weftd");
-        assert!(
-            bin.exists(),
-            "build weftd first: cargo build --release -p weftd (looked for {})",
-            bin.display()
-        );
-        let log = node.dir.join(format!(
-            "weftd-{}.log",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = std::fs::File::create(&log).expect("creating the weftd log");
-        let mut cmd = netns_command(Some(node.ns.path()), &bin);
-        cmd.args(args);
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("FLANNELD_") || KUBE_ENV.contains(&&*k) || k == "WEFT_LOG" {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd.envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("dup"))
-            .stderr(file);
-        let child = die_with_thread(&mut cmd)
-            .spawn()
-            .expect("spawning nsenter weftd");
-        Weftd {
-            child,
-            exited: None,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("waitpid weftd");
-        }
-        self.exited
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.exit_status() {
-            panic!("weftd exited ({status}); log:\n{}", self.log());
-        }
-    }
-
-    /// Wait for weftd to exit on its own; panics after `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_for("weftd to exit", timeout, || self.exit_status())
-    }
-
-    /// SIGTERM and wait for the exit.
-    fn terminate(&mut self) -> ExitStatus {
-        if let Some(status) = self.exit_status() {
-            return status;
-        }
-        // SAFETY: signalling our own, not yet reaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        self.wait_exit(EXIT_TIMEOUT)
-    }
-}
-
-impl Drop for Weftd {
-    fn drop(&mut self) {
-        if self.exit_status().is_none() {
-            // SAFETY: as in terminate.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.exit_status().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if self.exit_status().is_none() {
-                let _ = self.child.kill();
-                self.exited = self.child.wait().ok();
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- weftd log {} ({:?}) ---\n{}--- end of weftd log ---",
-                self.log.display(),
-                self.exited,
-                self.log()
-            );
-        }
-    }
-}
-
 /// Run weftd to completion (it is expected to fail fast): exit status and log.
 fn run_to_exit(node: &Node, args: &[String], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut w = Weftd::spawn(node, args, env);
@@ -504,11 +57,6 @@ fn subnet_env_text(subnet_first: &str, mtu: u32, masq: bool) -> String {
     )
 }
 
-/// `10.244.X.0/24` → `10.244.X.1/24`.
-fn first_host(subnet: &str) -> String {
-    subnet.replace(".0/", ".1/")
-}
-
 // --- tests ------------------------------------------------------------------------
 
 #[test]
@@ -516,7 +64,7 @@ fn writes_subnet_env_and_lease_like_flanneld() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(1);
+    let c = Cluster::new(1, VXLAN_CONFIG);
     let node = c.node(1);
     let mut weftd = node.ready_weftd(&[]);
 
@@ -555,13 +103,14 @@ fn writes_subnet_env_and_lease_like_flanneld() {
     assert_eq!(node.http("/healthz"), (200, "ok\n".into()));
     assert_eq!(node.http("/readyz"), (200, "ready\n".into()));
     let m = node.metrics();
-    assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("1"), "{m}");
-    assert_eq!(metric(&m, "weft_ready").as_deref(), Some("1"), "{m}");
-    assert_eq!(metric(&m, "weft_peers").as_deref(), Some("0"), "{m}");
-    assert_eq!(
-        metric(&m, "weft_lease_acquisitions_total").as_deref(),
-        Some("1"),
-        "{m}"
+    assert_samples(
+        &m,
+        &[
+            ("weft_lease_held", "1"),
+            ("weft_ready", "1"),
+            ("weft_peers", "0"),
+            ("weft_lease_acquisitions_total", "1"),
+        ],
     );
     weftd.assert_running();
 }
@@ -571,7 +120,7 @@ fn restart_keeps_the_subnet_and_leaks_no_lease() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(1);
+    let c = Cluster::new(1, VXLAN_CONFIG);
     let node = c.node(1);
     let mut weftd = node.ready_weftd(&[]);
     let subnet = node.leased_subnet();
@@ -641,7 +190,7 @@ fn two_nodes_get_distinct_subnets_and_see_each_other() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(2);
+    let c = Cluster::new(2, VXLAN_CONFIG);
     let (n1, n2) = (c.node(1), c.node(2));
     let mut w1 = n1.weftd(&[]);
     let mut w2 = n2.weftd(&[]);
@@ -662,7 +211,7 @@ fn two_nodes_get_distinct_subnets_and_see_each_other() {
 
     // A node that stops keeps its lease, so the other still counts it as a peer.
     assert_eq!(w2.terminate().code(), Some(0));
-    assert_eq!(metric(&n1.metrics(), "weft_peers").as_deref(), Some("1"));
+    assert_samples(&n1.metrics(), &[("weft_peers", "1")]);
     w1.assert_running();
 }
 
@@ -671,7 +220,7 @@ fn a_deleted_lease_is_noticed_and_recreated() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(1);
+    let c = Cluster::new(1, VXLAN_CONFIG);
     let node = c.node(1);
     let mut weftd = node.ready_weftd(&[]);
     let subnet = node.leased_subnet();
@@ -695,8 +244,7 @@ fn a_deleted_lease_is_noticed_and_recreated() {
     assert!((86_000..=86_400).contains(&ttl), "TTL {ttl}");
     assert_eq!(keys, std::slice::from_ref(&key));
     let m = node.wait_metric("weft_lease_acquisitions_total", "2", READY_TIMEOUT);
-    assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("1"), "{m}");
-    assert_eq!(metric(&m, "weft_ready").as_deref(), Some("1"), "{m}");
+    assert_samples(&m, &[("weft_lease_held", "1"), ("weft_ready", "1")]);
     assert_eq!(node.subnet_env().as_deref(), Some(env.as_str()));
     assert!(
         weftd.log().contains("our lease was deleted from the store"),
@@ -761,7 +309,7 @@ fn ip_masq_rules_are_installed_and_repaired() {
     if !require_root() {
         return;
     }
-    let c = Cluster::new(1);
+    let c = Cluster::new(1, VXLAN_CONFIG);
     let node = c.node(1);
     let mut weftd = node.ready_weftd(&["--ip-masq", "--iptables-resync=1"]);
     let subnet = node.leased_subnet();
@@ -775,23 +323,7 @@ fn ip_masq_rules_are_installed_and_repaired() {
 
     // Delete the masquerade rule for pods leaving the cluster network, by handle.
     let comment = "weft ip-masq v4: cluster network to outside but multicast, masquerade";
-    let listing = node.nft(&["-a", "list", "chain", "inet", "weft_node", "postrtg"]);
-    let handle = listing
-        .lines()
-        .find(|l| l.contains(comment))
-        .and_then(|l| l.rsplit("# handle ").next())
-        .unwrap_or_else(|| panic!("no rule {comment:?} in {listing}"))
-        .trim()
-        .to_string();
-    node.nft(&[
-        "delete",
-        "rule",
-        "inet",
-        "weft_node",
-        "postrtg",
-        "handle",
-        &handle,
-    ]);
+    nft_delete_rule(&node.ns, "inet weft_node postrtg", comment);
     assert!(!table().contains(comment));
     // --iptables-resync=1: repaired within about a second (10 s of slack).
     wait_for(
@@ -809,11 +341,7 @@ fn ip_masq_rules_are_installed_and_repaired() {
     );
     weftd.assert_running();
     let m = node.metrics();
-    assert_eq!(
-        metric(&m, "weft_programming_errors_total").as_deref(),
-        Some("0"),
-        "{m}"
-    );
+    assert_samples(&m, &[("weft_programming_errors_total", "0")]);
 
     // SIGTERM: like flanneld (which leaves its iptables rules), weftd leaves the table.
     assert_eq!(weftd.terminate().code(), Some(0));
@@ -839,7 +367,7 @@ fn etcd_outage_of_60s_keeps_serving_and_resyncs() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::new(1);
+    let mut c = Cluster::new(1, VXLAN_CONFIG);
     let mut weftd = c.node(1).ready_weftd(&[]);
     let env = c.node(1).subnet_env().unwrap();
     let subnet = c.node(1).leased_subnet();
@@ -857,7 +385,7 @@ fn etcd_outage_of_60s_keeps_serving_and_resyncs() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let m = node.metrics();
-    assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("1"), "{m}");
+    assert_samples(&m, &[("weft_lease_held", "1")]);
     eprintln!("{checks} checks during the outage");
 
     c.etcd_mut().start_again(0);
@@ -891,12 +419,13 @@ fn pod_cidr_mode_needs_no_store() {
         subnet_env_text("10.244.7.1/24", 1500, false)
     );
     let m = node.metrics();
-    assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("1"), "{m}");
-    assert_eq!(metric(&m, "weft_peers").as_deref(), Some("0"), "{m}");
-    assert_eq!(
-        metric(&m, "weft_lease_expiry_timestamp_seconds").as_deref(),
-        Some("0"),
-        "{m}"
+    assert_samples(
+        &m,
+        &[
+            ("weft_lease_held", "1"),
+            ("weft_peers", "0"),
+            ("weft_lease_expiry_timestamp_seconds", "0"),
+        ],
     );
     assert_eq!(weftd.terminate().code(), Some(0));
 }
@@ -921,11 +450,7 @@ fn pod_cidr_mode_leases_once() {
         !log.contains("deleted"),
         "a spurious re-acquisition (weftd log below)"
     );
-    assert_eq!(
-        metric(&m, "weft_lease_acquisitions_total").as_deref(),
-        Some("1"),
-        "{m}"
-    );
+    assert_samples(&m, &[("weft_lease_acquisitions_total", "1")]);
 }
 
 /// BUG (reported): `weft_lease_info`'s label is the etcd key form of the subnet
@@ -952,7 +477,7 @@ fn bad_input_fails_with_a_clear_message() {
     if !require_root() {
         return;
     }
-    let c = Cluster::build(1, Some(false));
+    let c = Cluster::new(1, VXLAN_CONFIG);
     let node = c.node(1);
     // Short-lived runs need no health server.
     let quiet = |extra: &[&str]| {
@@ -1060,8 +585,7 @@ fn bad_input_fails_with_a_clear_message() {
     assert_eq!((code, body.as_str()), (503, "not ready\n"));
     assert_eq!(node.http("/healthz").0, 200);
     let m = node.metrics();
-    assert_eq!(metric(&m, "weft_ready").as_deref(), Some("0"), "{m}");
-    assert_eq!(metric(&m, "weft_lease_held").as_deref(), Some("0"), "{m}");
+    assert_samples(&m, &[("weft_ready", "0"), ("weft_lease_held", "0")]);
     c.etcd().put(CONFIG_KEY, VXLAN_CONFIG);
     // It retries every second.
     wait_for(
@@ -1080,8 +604,7 @@ fn etcd_tls_with_client_certificates() {
     if !require_root() {
         return;
     }
-    let c = Cluster::build(1, Some(true));
-    c.etcd().put(CONFIG_KEY, VXLAN_CONFIG);
+    let c = Cluster::new_tls(1, VXLAN_CONFIG);
     let etcd = c.etcd();
     let node = c.node(1);
     let https = etcd.endpoint(0).to_string();
@@ -1176,7 +699,7 @@ fn the_external_interface_is_chosen_like_flanneld() {
         "ip link set ext1 up",
         "ip link set ext1p up",
     ] {
-        node.ns.exec_ok(&cmd.split(' ').collect::<Vec<_>>());
+        exec_line(&node.ns, cmd);
     }
     let mtu_with = |iface_args: &[&str]| {
         let mut args = node.args(&["--pod-cidr", "10.244.7.0/24", "--net-config-path", &conf]);
@@ -1208,16 +731,7 @@ fn the_external_interface_is_chosen_like_flanneld() {
     assert_eq!(mtu_with(&["--iface-can-reach", "192.0.2.77"]).0, "1400");
     assert_eq!(mtu_with(&["--iface-can-reach", "10.77.0.50"]).0, "1500");
     // Nothing given: the default route's interface, and the log says which.
-    node.ns.exec_ok(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        "192.0.2.1",
-        "dev",
-        "ext1",
-    ]);
+    exec_line(&node.ns, "ip route add default via 192.0.2.1 dev ext1");
     let (mtu, log) = mtu_with(&[]);
     assert_eq!(mtu, "1400");
     assert!(log.contains("iface=ext1"), "{log}");
