@@ -34,6 +34,14 @@ pub const SUBNETS: &str = "/coreos.com/network/subnets/";
 pub const NETWORK: &str = "10.244.0.0/16";
 pub const VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 pub const HOST_GW_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// The IPv6 pod network of [`DUAL_STACK_VXLAN_CONFIG`].
+pub const NETWORK_V6: &str = "fd44::/56";
+/// vxlan over both families: 10.244.0.0/16 and fd44::/56.
+pub const DUAL_STACK_VXLAN_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd44::/56","Backend":{"Type":"vxlan"}}"#;
+/// The underlay bridge's IPv6 address in a dual-stack cluster ([`Cluster::new_dual_stack`]).
+pub const UNDERLAY_V6_BRIDGE_IP: &str = "fd00:77::100";
+/// How long IPv6 duplicate address detection may take (~1 s per address, plus slack).
+pub const DAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fake Kubernetes API server's address, on the node's `lo` ([`Node::kube_api`]).
 pub const KUBE_API_IP: &str = "10.99.0.1";
 /// What weftd's Kubernetes mode reads from the environment besides FLANNELD_*:
@@ -95,6 +103,36 @@ impl Cluster {
         let c = Cluster::build(1, None);
         let conf = c.node(1).net_conf(net_conf);
         (c, conf)
+    }
+
+    /// `n` nodes with an IPv6 underlay too (node `i`'s `eth0` also holds
+    /// `fd00:77::i/64`, br0 [`UNDERLAY_V6_BRIDGE_IP`]/64, all nodad) and a plain-HTTP
+    /// etcd (on IPv4) holding the network config `config`.
+    pub fn new_dual_stack(n: usize, config: &str) -> Cluster {
+        let c = Cluster::build(n, Some(false));
+        let bridge_ip = format!("{UNDERLAY_V6_BRIDGE_IP}/64");
+        c.underlay
+            .exec_ok(&["ip", "-6", "addr", "add", &bridge_ip, "dev", "br0", "nodad"]);
+        for node in &c.nodes {
+            let addr = format!("{}/64", node.ip6());
+            node.ns
+                .exec_ok(&["ip", "-6", "addr", "add", &addr, "dev", "eth0", "nodad"]);
+        }
+        // Every node reaches the bridge over IPv6.
+        for node in &c.nodes {
+            node.ns.exec_ok(&[
+                "ping",
+                "-6",
+                "-c",
+                "1",
+                "-W",
+                "5",
+                "-q",
+                UNDERLAY_V6_BRIDGE_IP,
+            ]);
+        }
+        c.etcd().put(CONFIG_KEY, config);
+        c
     }
 
     /// `etcd`: None for no etcd at all, Some(tls) otherwise. No network config.
@@ -201,6 +239,39 @@ impl Node {
             "the first host of the subnet: {text}"
         );
         subnet
+    }
+
+    /// This node's IPv6 underlay address in a dual-stack cluster
+    /// ([`Cluster::new_dual_stack`]): `fd00:77::i` for `10.77.0.i`.
+    pub fn ip6(&self) -> String {
+        let i = self.ip.rsplit('.').next().expect("a dotted quad");
+        format!("fd00:77::{i}")
+    }
+
+    /// The IPv6 subnet leased per subnet.env: `fd44:0:0:X::/64`, of which
+    /// FLANNEL_IPV6_SUBNET must name the first host.
+    pub fn leased_subnet_v6(&self) -> String {
+        let text = self.subnet_env().expect("subnet.env exists");
+        let v6 = FlannelEnv::parse(&text)
+            .v6
+            .unwrap_or_else(|| panic!("no IPv6 part in subnet.env: {text}"));
+        let line = format!("FLANNEL_IPV6_SUBNET={}", v6.subnet.replace("::/", "::1/"));
+        assert!(
+            text.lines().any(|l| l == line),
+            "the first host of the IPv6 subnet: {text}"
+        );
+        v6.subnet
+    }
+
+    /// The MAC of weftd's IPv6 VTEP in this node (`flannel-v6.1`).
+    pub fn vtep_mac_v6(&self) -> String {
+        let link = self
+            .ns
+            .exec_json(&["ip", "-j", "link", "show", "dev", "flannel-v6.1"]);
+        link[0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("flannel-v6.1 has no MAC: {link}"))
+            .to_string()
     }
 
     /// Write `json` as this node's net-conf.json; its path, for --net-config-path.
@@ -378,7 +449,10 @@ impl Node {
     /// A new pod attached to this node the way flannel's CNI plugin does it: the
     /// `bridge` plugin on `cni0` (isGateway, no masquerade, hairpin) with
     /// host-local over the node's FLANNEL_SUBNET and a route to FLANNEL_NETWORK,
-    /// the MTU from FLANNEL_MTU. `id` is the container ID.
+    /// the MTU from FLANNEL_MTU. `id` is the container ID. With FLANNEL_IPV6_SUBNET
+    /// in subnet.env the pod is dual-stack (a v6 range and a route to
+    /// FLANNEL_IPV6_NETWORK too), and this returns once IPv6 duplicate address
+    /// detection is done on the pod's `eth0` and the node's `cni0`.
     pub fn add_pod(&self, id: &str) -> Pod {
         let env = self.flannel_env();
         let ns = TestNetns::new();
@@ -397,9 +471,23 @@ impl Node {
             .as_str()
             .unwrap_or_else(|| panic!("no address in {result}"));
         let ip = cidr.split('/').next().unwrap().to_string();
+        let ip6 = env.v6.as_ref().map(|_| {
+            let ips = result["ips"].as_array().cloned().unwrap_or_default();
+            let cidr6 = ips
+                .iter()
+                .filter_map(|i| i["address"].as_str())
+                .find(|a| a.contains(':'))
+                .unwrap_or_else(|| panic!("no IPv6 address in {result}"));
+            cidr6.split('/').next().unwrap().to_string()
+        });
+        if ip6.is_some() {
+            wait_dad(&ns, "eth0");
+            wait_dad(&self.ns, "cni0");
+        }
         Pod {
             ns,
             ip,
+            ip6,
             node: self.ip.clone(),
         }
     }
@@ -410,6 +498,8 @@ pub struct Pod {
     pub ns: TestNetns,
     /// Its address (from host-local).
     pub ip: String,
+    /// Its IPv6 address (from host-local), when the node's subnet.env has one.
+    pub ip6: Option<String>,
     /// Its node's underlay address.
     pub node: String,
 }
@@ -422,6 +512,27 @@ impl Pod {
             .status
             .success()
     }
+
+    /// One IPv6 ping (`ping -6`, 2 s wait) to `ip`.
+    pub fn ping6(&self, ip: &str) -> bool {
+        self.ns
+            .exec(&["ping", "-6", "-c", "1", "-W", "2", ip])
+            .status
+            .success()
+    }
+}
+
+/// Wait until no IPv6 address of `dev` in `ns` is tentative (duplicate address
+/// detection done); panics after [`DAD_TIMEOUT`] or if DAD failed.
+pub fn wait_dad(ns: &TestNetns, dev: &str) {
+    wait_for(&format!("IPv6 DAD on {dev}"), DAD_TIMEOUT, || {
+        let failed = ns.exec_ok(&["ip", "-6", "addr", "show", "dev", dev, "dadfailed"]);
+        assert!(failed.trim().is_empty(), "DAD failed on {dev}: {failed}");
+        ns.exec_ok(&["ip", "-6", "addr", "show", "dev", dev, "tentative"])
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
 }
 
 /// subnet.env as flannel's CNI plugin reads it (`net.ParseCIDR`, so the subnet is
@@ -432,28 +543,53 @@ pub struct FlannelEnv {
     pub subnet: String,
     pub mtu: u32,
     pub ipmasq: bool,
+    /// FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET, when subnet.env has the latter.
+    pub v6: Option<FlannelEnvV6>,
+}
+
+/// The IPv6 part of subnet.env as flannel's CNI plugin reads it: the subnet is the
+/// network address (`FLANNEL_IPV6_SUBNET=fd44:0:0:5::1/64` is `fd44:0:0:5::/64`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlannelEnvV6 {
+    pub network: String,
+    pub subnet: String,
 }
 
 impl FlannelEnv {
     pub fn parse(text: &str) -> FlannelEnv {
-        let get = |key: &str| {
+        let find = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .unwrap_or_else(|| panic!("no {key} in subnet.env: {text:?}"))
-                .to_string()
+                .map(str::to_string)
         };
+        let get =
+            |key: &str| find(key).unwrap_or_else(|| panic!("no {key} in subnet.env: {text:?}"));
+        let v6 = find("FLANNEL_IPV6_SUBNET").map(|sn| {
+            let subnet: ipnet::Ipv6Net = sn.parse().expect("FLANNEL_IPV6_SUBNET");
+            FlannelEnvV6 {
+                network: get("FLANNEL_IPV6_NETWORK"),
+                subnet: subnet.trunc().to_string(),
+            }
+        });
         let subnet: ipnet::Ipv4Net = get("FLANNEL_SUBNET").parse().expect("FLANNEL_SUBNET");
         FlannelEnv {
             network: get("FLANNEL_NETWORK"),
             subnet: subnet.trunc().to_string(),
             mtu: get("FLANNEL_MTU").parse().expect("FLANNEL_MTU"),
             ipmasq: get("FLANNEL_IPMASQ") == "true",
+            v6,
         }
     }
 
     /// The bridge config flannel's CNI plugin hands its delegate, with host-local's
     /// state in `data_dir`.
     pub fn bridge_conf(&self, data_dir: &str) -> Value {
+        let mut ranges = vec![json!([{"subnet": self.subnet}])];
+        let mut routes = vec![json!({"dst": self.network})];
+        if let Some(v6) = &self.v6 {
+            ranges.push(json!([{"subnet": v6.subnet}]));
+            routes.push(json!({"dst": v6.network}));
+        }
         json!({
             "cniVersion": "1.0.0",
             "name": "cbr0",
@@ -466,8 +602,8 @@ impl FlannelEnv {
             "ipam": {
                 "type": "host-local",
                 "dataDir": data_dir,
-                "ranges": [[{"subnet": self.subnet}]],
-                "routes": [{"dst": self.network}],
+                "ranges": ranges,
+                "routes": routes,
             },
         })
     }

@@ -10,8 +10,8 @@
 //! timing is asserted.
 
 use netns_tests::weftd_cluster::{
-    Cluster, HOST_GW_CONFIG, NETWORK, Node, Pod, READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key,
-    metric, network_addr, wait_for,
+    Cluster, DUAL_STACK_VXLAN_CONFIG, HOST_GW_CONFIG, NETWORK, NETWORK_V6, Node, Pod,
+    READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key, metric, network_addr, wait_for,
 };
 use netns_tests::{TestNetns, exec_line, inside, require_root};
 use std::io::{Read, Write};
@@ -662,4 +662,193 @@ fn a_stray_fdb_entry_added_with_iproute2_is_removed() {
         "the stray `bridge fdb append … self permanent` entry outlived {CONVERGE:?} of \
          1 s resyncs; weftd log:\n{log}"
     );
+}
+
+/// The IPv6 entries weftd should have programmed on a node for its dual-stack vxlan
+/// `peers` (flanneld's v6 form): sorted lines of `ip -6 route show proto 87`, `ip
+/// neigh show dev flannel-v6.1` and `bridge fdb show dev flannel-v6.1`.
+fn vxlan_v6_entries(peers: &[&Node]) -> Entries {
+    let mut e = Entries {
+        routes: vec![],
+        neighbours: vec![],
+        fdb: vec![],
+    };
+    for p in peers {
+        let (subnet, mac) = (p.leased_subnet_v6(), p.vtep_mac_v6());
+        let gw = network_addr(&subnet);
+        e.routes.push(format!(
+            "{subnet} via {gw} dev flannel-v6.1 metric 1024 onlink pref medium"
+        ));
+        e.neighbours.push(format!("{gw} lladdr {mac} PERMANENT"));
+        e.fdb.push(format!("{mac} dst {} self permanent", p.ip6()));
+    }
+    e.sort();
+    e
+}
+
+/// What `node` holds now on the IPv6 side.
+fn v6_entries_of(node: &Node) -> Entries {
+    let vtep = node.has_link("flannel-v6.1");
+    let lines = |argv: &[&str]| if vtep { node.lines(argv) } else { vec![] };
+    Entries {
+        routes: node.lines(&["ip", "-6", "route", "show", "proto", "87"]),
+        neighbours: lines(&["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"]),
+        fdb: lines(&["bridge", "fdb", "show", "dev", "flannel-v6.1"]),
+    }
+}
+
+/// Wait until `node` holds exactly `want` on the IPv6 side.
+fn wait_v6_entries(what: &str, node: &Node, want: &Entries) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let have = v6_entries_of(node);
+        if have == *want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: node {} did not converge within {CONVERGE:?}\nwant {want:#?}\nhave {have:#?}",
+            node.ip
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait until `from` pings `to`'s IPv6 address (`ping -6`).
+fn wait_ping6(from: &Pod, to: &Pod) {
+    let (src, dst) = (from.ip6.as_deref().unwrap(), to.ip6.as_deref().unwrap());
+    wait_for(
+        &format!("{src} (on {}) to ping -6 {dst} (on {})", from.node, to.node),
+        REACH,
+        || from.ping6(dst).then_some(()),
+    );
+}
+
+#[test]
+fn dual_stack_pods_reach_each_other_over_both_families() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new_dual_stack(2, DUAL_STACK_VXLAN_CONFIG);
+    // weftd takes eth0's first global IPv6 address as its public IPv6 (no
+    // --public-ipv6 needed: agent/src/iface.rs).
+    let mut weftds = start_all(&c, &[]);
+
+    for i in 1..=2 {
+        let node = c.node(i);
+        let text = node.subnet_env().expect("subnet.env");
+        let env = node.flannel_env();
+        eprintln!("node {i} subnet.env:\n{text}");
+        let v6 = env
+            .v6
+            .as_ref()
+            .unwrap_or_else(|| panic!("no IPv6 part: {text}"));
+        assert_eq!(v6.network, NETWORK_V6, "{text}");
+        assert_eq!(env.network, NETWORK, "{text}");
+        let (s4, s6) = (node.leased_subnet(), node.leased_subnet_v6());
+        assert!(s6.starts_with("fd44:0:0:") && s6.ends_with("::/64"), "{s6}");
+
+        // The lease: both subnets in the key, both public IPs and both VTEPs.
+        let key = lease_key(&format!("{s4}&{s6}"));
+        let leases = c.leases();
+        let value = leases
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no lease {key} in {leases:#?}"));
+        let want = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            node.ip,
+            node.ip6(),
+            node.vtep_mac(),
+            node.vtep_mac_v6()
+        );
+        let (got, want): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(&value).expect("a JSON lease"),
+            serde_json::from_str(&want).unwrap(),
+        );
+        assert_eq!(got, want, "{key}");
+
+        // The IPv6 VTEP.
+        let link = node
+            .ns
+            .exec_ok(&["ip", "-d", "link", "show", "flannel-v6.1"]);
+        eprintln!("node {i}: {link}");
+        let vxlan = format!(
+            "vxlan id 1 local {} dev eth0 srcport 0 0 dstport 8472 nolearning",
+            node.ip6()
+        );
+        assert!(link.contains(&vxlan), "want {vxlan:?} in:\n{link}");
+        assert_eq!(mtu(&node.ns, "flannel-v6.1"), 1430, "{link}");
+        assert_eq!(mtu(&node.ns, "flannel.1"), 1450);
+        let addrs = node.lines(&["ip", "-6", "-o", "addr", "show", "dev", "flannel-v6.1"]);
+        eprintln!("node {i} flannel-v6.1 addresses: {addrs:#?}");
+        assert!(
+            addrs
+                .iter()
+                .any(|a| a.contains(&format!("inet6 {}/128 scope global", network_addr(&s6)))),
+            "{addrs:?}"
+        );
+    }
+    for i in 1..=2 {
+        let node = c.node(i);
+        wait_entries("v4 vxlan entries", node, &Entries::vxlan(&others(&c, i)));
+        wait_v6_entries("v6 vxlan entries", node, &vxlan_v6_entries(&others(&c, i)));
+        eprintln!("node {i} v6: {:#?}", v6_entries_of(node));
+        // The full form (`show proto 87` leaves out the protocol).
+        let routes = node.lines(&["ip", "-6", "route", "show"]);
+        let peer = &others(&c, i)[0];
+        let s6 = peer.leased_subnet_v6();
+        let proto = format!(
+            "{s6} via {} dev flannel-v6.1 proto 87 metric 1024 onlink pref medium",
+            network_addr(&s6)
+        );
+        assert!(routes.contains(&proto), "want {proto:?} in {routes:#?}");
+    }
+
+    let a = c.node(1).add_pod("pod-a");
+    let b = c.node(2).add_pod("pod-b");
+    for p in [&a, &b] {
+        let addrs = p.ns.exec_ok(&["ip", "addr", "show", "dev", "eth0"]);
+        let routes = p.ns.exec_ok(&["ip", "-6", "route", "show"]);
+        eprintln!("pod {} on {}:\n{addrs}{routes}", p.ip, p.node);
+        let ip6 = p.ip6.as_deref().expect("a dual-stack pod");
+        assert!(ip6.starts_with("fd44:0:0:"), "{ip6}");
+        assert!(
+            routes
+                .lines()
+                .any(|l| l.starts_with(&format!("{NETWORK_V6} via "))),
+            "a route to {NETWORK_V6}: {routes}"
+        );
+    }
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        wait_ping(from, to);
+        wait_ping6(from, to);
+    }
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let dst = to.ip6.as_deref().unwrap();
+        let out = from
+            .ns
+            .exec(&["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", dst]);
+        assert!(out.status.success(), "ping -6 {dst}: {out:?}");
+    }
+    // The IPv6 pings crossed the IPv6 VTEP.
+    for node in &c.nodes {
+        let s = node
+            .ns
+            .exec_json(&["ip", "-j", "-s", "link", "show", "dev", "flannel-v6.1"]);
+        let packets = s[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0);
+        assert!(packets > 0, "node {}: flannel-v6.1 sent nothing", node.ip);
+    }
+
+    for (node, w) in c.nodes.iter().zip(&mut weftds) {
+        w.assert_running();
+        let m = node.metrics();
+        assert_eq!(
+            metric(&m, "weft_programming_errors_total").as_deref(),
+            Some("0"),
+            "node {}: {m}",
+            node.ip
+        );
+    }
 }
