@@ -5,6 +5,7 @@ mod harness;
 mod nlwatch;
 mod rows;
 mod stats;
+mod throughput;
 mod weftd;
 
 use std::fmt::Write as _;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use crate::harness::{Target, ensure_success, result_addresses};
+use crate::throughput;
 use crate::weftd::{self, Solo};
 
 pub struct Row {
@@ -188,6 +189,36 @@ pub const ROWS: &[Row] = &[
             run: weftd::lease_events_paced,
             max_iterations: 10,
             reference: weftd::FLANNELD_PACED,
+        }),
+    },
+    Row {
+        name: "throughput: pod→pod TCP over vxlan (2 nodes)",
+        about: "one TCP stream between pods on two weftd nodes (vxlan); ms = the timed transfer",
+        plugins: &["weftd", "bridge", "host-local"],
+        run: Run::Solo(Solo {
+            run: throughput::vxlan,
+            max_iterations: 10,
+            reference: throughput::NOTE,
+        }),
+    },
+    Row {
+        name: "throughput: pod→pod TCP over host-gw",
+        about: "the same over host-gw routes (no encapsulation)",
+        plugins: &["weftd", "bridge", "host-local"],
+        run: Run::Solo(Solo {
+            run: throughput::host_gw,
+            max_iterations: 10,
+            reference: throughput::NOTE,
+        }),
+    },
+    Row {
+        name: "throughput: node→node TCP over the bare underlay veth",
+        about: "the same stream between the two nodes over the underlay bridge, no weftd",
+        plugins: &[],
+        run: Run::Solo(Solo {
+            run: throughput::bare_underlay,
+            max_iterations: 10,
+            reference: throughput::NOTE,
         }),
     },
 ];

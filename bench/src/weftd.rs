@@ -135,6 +135,11 @@ impl Env {
         })
     }
 
+    /// The directory holding our weftd (the bench's `--ours`).
+    pub fn bin_dir(&self) -> &Path {
+        self.weftd.parent().unwrap_or(Path::new("."))
+    }
+
     /// Run `f` with an etcd client on a thread inside the underlay (where etcd
     /// listens), on a runtime of its own.
     fn with_etcd<T: Send>(
