@@ -56,21 +56,64 @@ struct Entries {
     fdb: Vec<String>,
 }
 
+/// One address family of the vxlan data plane: its VTEP, how iproute2 lists its
+/// entries, and where a node's subnet, VTEP MAC and public address come from.
+struct Family {
+    vtep: &'static str,
+    /// `ip route show proto 87` for that family.
+    routes: &'static [&'static str],
+    /// `ip neigh show dev <vtep>` for that family.
+    neighbours: &'static [&'static str],
+    /// How iproute2 prints one of our routes (`subnet`, `gw`, `vtep`); for IPv6 it
+    /// adds the metric and preference.
+    route_line: fn(&str, &str, &str) -> String,
+    subnet: fn(&Node) -> String,
+    mac: fn(&Node) -> String,
+    public: fn(&Node) -> String,
+}
+
+const V4: Family = Family {
+    vtep: "flannel.1",
+    routes: &["ip", "route", "show", "proto", "87"],
+    neighbours: &["ip", "neigh", "show", "dev", "flannel.1"],
+    route_line: |subnet, gw, vtep| format!("{subnet} via {gw} dev {vtep} onlink"),
+    subnet: Node::leased_subnet,
+    mac: Node::vtep_mac,
+    public: |n| n.ip.clone(),
+};
+
+const V6: Family = Family {
+    vtep: "flannel-v6.1",
+    routes: &["ip", "-6", "route", "show", "proto", "87"],
+    neighbours: &["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"],
+    route_line: |subnet, gw, vtep| {
+        format!("{subnet} via {gw} dev {vtep} metric 1024 onlink pref medium")
+    },
+    subnet: Node::leased_subnet_v6,
+    mac: Node::vtep_mac_v6,
+    public: Node::ip6,
+};
+
 impl Entries {
     /// flanneld's vxlan form (flannel.md §2 [obs]).
     fn vxlan(peers: &[&Node]) -> Entries {
+        Entries::vxlan_in(&V4, peers)
+    }
+
+    /// flanneld's vxlan form for one family.
+    fn vxlan_in(fam: &Family, peers: &[&Node]) -> Entries {
         let mut e = Entries {
             routes: vec![],
             neighbours: vec![],
             fdb: vec![],
         };
         for p in peers {
-            let (subnet, mac) = (p.leased_subnet(), p.vtep_mac());
+            let (subnet, mac) = ((fam.subnet)(p), (fam.mac)(p));
             let gw = network_addr(&subnet);
-            e.routes
-                .push(format!("{subnet} via {gw} dev flannel.1 onlink"));
+            e.routes.push((fam.route_line)(&subnet, gw, fam.vtep));
             e.neighbours.push(format!("{gw} lladdr {mac} PERMANENT"));
-            e.fdb.push(format!("{mac} dst {} self permanent", p.ip));
+            e.fdb
+                .push(format!("{mac} dst {} self permanent", (fam.public)(p)));
         }
         e.sort();
         e
@@ -98,20 +141,31 @@ impl Entries {
 
     /// What `node` holds now (no neighbours or FDB entries without flannel.1).
     fn of(node: &Node) -> Entries {
-        let vtep = node.has_link("flannel.1");
+        Entries::of_in(&V4, node)
+    }
+
+    /// What `node` holds now on one family's side.
+    fn of_in(fam: &Family, node: &Node) -> Entries {
+        let vtep = node.has_link(fam.vtep);
+        let lines = |argv: &[&str]| if vtep { node.lines(argv) } else { vec![] };
         Entries {
-            routes: node.weft_routes(),
-            neighbours: if vtep { node.vtep_neighbours() } else { vec![] },
-            fdb: if vtep { node.vtep_fdb() } else { vec![] },
+            routes: node.lines(fam.routes),
+            neighbours: lines(fam.neighbours),
+            fdb: lines(&["bridge", "fdb", "show", "dev", fam.vtep]),
         }
     }
 }
 
 /// Wait until `node` holds exactly `want`; panics showing what it holds.
 fn wait_entries(what: &str, node: &Node, want: &Entries) {
+    wait_entries_in(&V4, what, node, want)
+}
+
+/// [`wait_entries`] for one family.
+fn wait_entries_in(fam: &Family, what: &str, node: &Node, want: &Entries) {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let have = Entries::of(node);
+        let have = Entries::of_in(fam, node);
         if have == *want {
             return;
         }
@@ -664,56 +718,6 @@ fn a_stray_fdb_entry_added_with_iproute2_is_removed() {
     );
 }
 
-/// The IPv6 entries weftd should have programmed on a node for its dual-stack vxlan
-/// `peers` (flanneld's v6 form): sorted lines of `ip -6 route show proto 87`, `ip
-/// neigh show dev flannel-v6.1` and `bridge fdb show dev flannel-v6.1`.
-fn vxlan_v6_entries(peers: &[&Node]) -> Entries {
-    let mut e = Entries {
-        routes: vec![],
-        neighbours: vec![],
-        fdb: vec![],
-    };
-    for p in peers {
-        let (subnet, mac) = (p.leased_subnet_v6(), p.vtep_mac_v6());
-        let gw = network_addr(&subnet);
-        e.routes.push(format!(
-            "{subnet} via {gw} dev flannel-v6.1 metric 1024 onlink pref medium"
-        ));
-        e.neighbours.push(format!("{gw} lladdr {mac} PERMANENT"));
-        e.fdb.push(format!("{mac} dst {} self permanent", p.ip6()));
-    }
-    e.sort();
-    e
-}
-
-/// What `node` holds now on the IPv6 side.
-fn v6_entries_of(node: &Node) -> Entries {
-    let vtep = node.has_link("flannel-v6.1");
-    let lines = |argv: &[&str]| if vtep { node.lines(argv) } else { vec![] };
-    Entries {
-        routes: node.lines(&["ip", "-6", "route", "show", "proto", "87"]),
-        neighbours: lines(&["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"]),
-        fdb: lines(&["bridge", "fdb", "show", "dev", "flannel-v6.1"]),
-    }
-}
-
-/// Wait until `node` holds exactly `want` on the IPv6 side.
-fn wait_v6_entries(what: &str, node: &Node, want: &Entries) {
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let have = v6_entries_of(node);
-        if have == *want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: node {} did not converge within {CONVERGE:?}\nwant {want:#?}\nhave {have:#?}",
-            node.ip
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Wait until `from` pings `to`'s IPv6 address (`ping -6`).
 fn wait_ping6(from: &Pod, to: &Pod) {
     let (src, dst) = (from.ip6.as_deref().unwrap(), to.ip6.as_deref().unwrap());
@@ -793,8 +797,9 @@ fn dual_stack_pods_reach_each_other_over_both_families() {
     for i in 1..=2 {
         let node = c.node(i);
         wait_entries("v4 vxlan entries", node, &Entries::vxlan(&others(&c, i)));
-        wait_v6_entries("v6 vxlan entries", node, &vxlan_v6_entries(&others(&c, i)));
-        eprintln!("node {i} v6: {:#?}", v6_entries_of(node));
+        let want = Entries::vxlan_in(&V6, &others(&c, i));
+        wait_entries_in(&V6, "v6 vxlan entries", node, &want);
+        eprintln!("node {i} v6: {:#?}", Entries::of_in(&V6, node));
         // The full form (`show proto 87` leaves out the protocol).
         let routes = node.lines(&["ip", "-6", "route", "show"]);
         let peer = &others(&c, i)[0];
