@@ -10,6 +10,7 @@ pub mod error;
 pub mod ident;
 pub mod lease;
 pub mod log;
+pub mod mac;
 pub mod macspoof;
 pub mod masq;
 pub mod netlink;

@@ -17,7 +17,7 @@ mod plan;
 
 pub use plan::{PeerState, Plan, plan};
 
-use crate::lease::{Lease, NetworkConfig, SubnetKey};
+use crate::lease::{Lease, NetworkConfig, SubnetKey, gojson};
 use crate::netlink::{Fdb, Neigh, NetOp, Netlink, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanSpec};
 use crate::{CniError, Result};
 use ipnet::IpNet;
@@ -56,15 +56,10 @@ impl Kind {
     /// The backend of `config`, or why weft cannot run it.
     pub fn of(config: &NetworkConfig) -> std::result::Result<Kind, String> {
         let o = &config.backend.options;
-        let get = |name: &str| {
-            o.iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-                .next_back()
-        };
+        let get = |name: &str| gojson::field(o, name);
         let num =
             |name: &str, max: u64| -> std::result::Result<Option<u64>, String> {
-                match get(name).filter(|v| !v.is_null()) {
+                match get(name) {
                     None => Ok(None),
                     Some(v) => v.as_u64().filter(|n| *n <= max).map(Some).ok_or_else(|| {
                         format!("Backend.{name}: {v} is not a number from 0 to {max}")
@@ -180,8 +175,9 @@ impl DataPlane {
         let Kind::Vxlan(c) = &self.kind else {
             return (None, None);
         };
-        let data =
-            |v: Option<Vtep>| v.map(|v| json!({"VNI": c.vni, "VtepMAC": mac_string(&v.mac)}));
+        let data = |v: Option<Vtep>| {
+            v.map(|v| json!({"VNI": c.vni, "VtepMAC": crate::mac::format(&v.mac)}))
+        };
         (data(self.vtep4), data(self.vtep6))
     }
 
@@ -380,28 +376,10 @@ fn derived_mac(local: IpAddr, vni: u32) -> [u8; 6] {
     [(h[0] & 0xfe) | 0x02, h[1], h[2], h[3], h[4], h[5]]
 }
 
-fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// `VtepMAC` of a peer's backend data (keys case-insensitive, like Go).
 fn vtep_mac(data: Option<&Value>) -> Option<[u8; 6]> {
     let obj: &Map<String, Value> = data?.as_object()?;
-    let s = obj
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("VtepMAC"))
-        .map(|(_, v)| v)
-        .next_back()?
-        .as_str()?;
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<std::result::Result<_, _>>()
-        .ok()?;
-    bytes.try_into().ok()
+    crate::mac::parse(gojson::field(obj, "VtepMAC")?.as_str()?)
 }
 
 #[cfg(test)]
@@ -574,6 +552,9 @@ mod tests {
         assert_eq!(a, derived_mac("10.77.0.1".parse().unwrap(), 1));
         assert_ne!(a, derived_mac("10.77.0.2".parse().unwrap(), 1));
         assert_eq!(a[0] & 0x03, 0x02);
-        assert_eq!(vtep_mac(Some(&json!({"vtepmac": mac_string(&a)}))), Some(a));
+        assert_eq!(
+            vtep_mac(Some(&json!({"vtepmac": crate::mac::format(&a)}))),
+            Some(a)
+        );
     }
 }

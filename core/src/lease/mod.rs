@@ -12,7 +12,7 @@ mod alloc;
 mod config;
 #[cfg(feature = "etcd")]
 pub mod etcd;
-mod gojson;
+pub(crate) mod gojson;
 #[cfg(feature = "kube")]
 pub mod kube;
 mod record;

@@ -208,31 +208,17 @@ impl fmt::Display for NetOp {
     }
 }
 
-struct Mac<'a>(&'a [u8]);
-
-impl fmt::Display for Mac<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(":")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
 /// `ip neigh` style: `10.244.27.0 lladdr be:55:aa:bf:94:77`.
 impl fmt::Display for Neigh {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} lladdr {}", self.ip, Mac(&self.mac))
+        write!(f, "{} lladdr {}", self.ip, crate::mac::format(&self.mac))
     }
 }
 
 /// `bridge fdb` style: `be:55:aa:bf:94:77 dst 10.77.0.2`.
 impl fmt::Display for Fdb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} dst {}", Mac(&self.mac), self.dst)
+        write!(f, "{} dst {}", crate::mac::format(&self.mac), self.dst)
     }
 }
 

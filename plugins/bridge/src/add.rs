@@ -1,7 +1,7 @@
 //! ADD: bridge, veth (peer created directly in the pod), IPAM, addresses, routes,
 //! gateway. Every step registers its undo, so a failure leaves nothing behind.
 
-use crate::config::{BridgeConf, find_ipam, format_mac, ipam_type, requested_mac};
+use crate::config::{BridgeConf, find_ipam, ipam_type, requested_mac};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use weft_core::delegate::Delegate;
@@ -385,7 +385,7 @@ fn fill_interfaces(
         name: name.to_string(),
         // A port-less bridge has the all-zero MAC; the reference leaves it out then.
         mac: if mac.iter().any(|b| *b != 0) {
-            format_mac(mac)
+            weft_core::mac::format(mac)
         } else {
             String::new()
         },

@@ -1,6 +1,6 @@
 //! CHECK: the state ADD created is still there and still matches prevResult.
 
-use crate::config::{BridgeConf, format_mac, forward_to_ipam};
+use crate::config::{BridgeConf, forward_to_ipam};
 use weft_core::error::{CniError, Result, code};
 use weft_core::netlink::{Link, Netlink};
 use weft_core::netns::NetNs;
@@ -79,11 +79,11 @@ fn check_pod_interface(req: &Request, prev: &CniResult, pod_nl: &Netlink) -> Res
         .link_by_name(ifname)?
         .filter(|l| l.kind.as_deref() == Some("veth"))
         .ok_or_else(|| failed(format!("veth {ifname} not found in the container")))?;
-    if !listed.mac.is_empty() && listed.mac != format_mac(&link.mac) {
+    if !listed.mac.is_empty() && listed.mac != weft_core::mac::format(&link.mac) {
         return Err(failed(format!(
             "interface {ifname} mac {} doesn't match container mac {}",
             listed.mac,
-            format_mac(&link.mac)
+            weft_core::mac::format(&link.mac)
         )));
     }
     Ok(link)

@@ -162,56 +162,15 @@ pub fn requested_mac(req: &Request) -> Result<Option<[u8; 6]>> {
     ];
     for (source, value) in from_conf {
         if let Some(v) = value.and_then(Value::as_str).filter(|s| !s.is_empty()) {
-            return parse_mac(v)
+            return weft_core::mac::parse(v)
                 .map(Some)
                 .ok_or_else(|| CniError::config(format!("invalid MAC {v:?} in {source}")));
         }
     }
     match req.env.args.get("MAC").filter(|s| !s.is_empty()) {
-        Some(v) => parse_mac(v)
+        Some(v) => weft_core::mac::parse(v)
             .map(Some)
             .ok_or_else(|| CniError::env(format!("CNI_ARGS: invalid MAC {v:?}"))),
         None => Ok(None),
-    }
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let p = parts.next()?;
-        (p.len() == 2).then_some(())?;
-        *byte = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs() {
-        assert_eq!(
-            parse_mac("0a:58:0A:01:00:ff"),
-            Some([0x0a, 0x58, 0x0a, 0x01, 0x00, 0xff])
-        );
-        for bad in [
-            "zz:zz",
-            "0a:58:0a:01:00",
-            "0a:58:0a:01:00:ff:00",
-            "0a-58-0a-01-00-ff",
-            "a:58:0a:01:00:ff",
-        ] {
-            assert_eq!(parse_mac(bad), None, "{bad}");
-        }
-        assert_eq!(format_mac(&[0x0a, 0, 0xff, 1, 2, 3]), "0a:00:ff:01:02:03");
     }
 }
