@@ -162,18 +162,33 @@ async fn start<S: LeaseSource>(
 /// flanneld retries every second until the config exists; so do we, and also
 /// while the store is unreachable.
 async fn wait_for_config<S: LeaseSource>(source: &mut S) -> anyhow::Result<NetworkConfig> {
+    every_second(
+        "the network config",
+        |e| !matches!(e, LeaseError::Config(_)),
+        async || source.network_config().await,
+    )
+    .await
+}
+
+/// Call `f` once a second until it succeeds or fails with an error `retry` rejects;
+/// the first retried failure is logged, the rest would only repeat it.
+pub async fn every_second<T>(
+    what: &str,
+    retry: impl Fn(&LeaseError) -> bool,
+    mut f: impl AsyncFnMut() -> Result<T, LeaseError>,
+) -> anyhow::Result<T> {
     let mut logged = false;
     loop {
-        match source.network_config().await {
-            Ok(config) => return Ok(config),
-            Err(e @ LeaseError::Config(_)) => bail!(e),
-            Err(e) => {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if retry(&e) => {
                 if !logged {
-                    warn!(error = %e, "waiting for the network config (retrying every second)");
+                    warn!(error = %e, "waiting for {what} (retrying every second)");
                     logged = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            Err(e) => bail!(e),
         }
     }
 }

@@ -86,20 +86,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
 /// Connect, waiting out an unreachable store (with user/password auth, connecting
 /// already talks to etcd). Bad TLS files and flags fail at once.
 async fn connect_etcd(opts: &EtcdOptions) -> anyhow::Result<EtcdSource> {
-    let mut logged = false;
-    loop {
-        match EtcdSource::connect(opts).await {
-            Ok(source) => return Ok(source),
-            Err(e @ LeaseError::Store(_)) => {
-                if !logged {
-                    tracing::warn!(error = %e, "waiting for etcd (retrying every second)");
-                    logged = true;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    daemon::every_second(
+        "etcd",
+        |e| matches!(e, LeaseError::Store(_)),
+        async || EtcdSource::connect(opts).await,
+    )
+    .await
 }
 
 fn read_net_config(flags: &Flags) -> anyhow::Result<Vec<u8>> {
