@@ -20,6 +20,13 @@ use weft_core::lease::{
 };
 use weft_core::node_masq::NodeMasq;
 
+/// Backoff of failed lease acquisitions: from 200 ms, doubling, up to 10 s.
+const LEASE_RETRY_FIRST: Duration = Duration::from_millis(200);
+
+fn next_lease_retry(wait: Duration) -> Duration {
+    (wait * 2).min(Duration::from_secs(10))
+}
+
 /// Wait between retries of a failed renewal (flanneld: 1 min).
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 
@@ -244,7 +251,7 @@ async fn acquire<S: LeaseSource>(
     req: &AcquireRequest,
     status: &Status,
 ) -> anyhow::Result<Lease> {
-    let mut wait = Duration::from_millis(200);
+    let mut wait = LEASE_RETRY_FIRST;
     loop {
         match source.acquire(config, req).await {
             Ok(lease) => {
@@ -256,7 +263,7 @@ async fn acquire<S: LeaseSource>(
                 status.lease_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, retry_in = ?wait, "could not lease a subnet");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
+                wait = next_lease_retry(wait);
             }
         }
     }
@@ -364,7 +371,7 @@ impl<S: LeaseSource> Node<'_, S> {
             self.status.lease_held.store(false, Ordering::Relaxed);
             self.request.previous_v4 = self.lease.key.v4;
             self.request.previous_v6 = self.lease.key.v6;
-            self.lost = Some((Instant::now(), Duration::from_millis(200)));
+            self.lost = Some((Instant::now(), LEASE_RETRY_FIRST));
         }
         self.status
             .observe_reconcile(started.elapsed().as_secs_f64());
@@ -389,9 +396,9 @@ impl<S: LeaseSource> Node<'_, S> {
             Err(e @ LeaseError::Config(_)) => bail!(e),
             Err(e) => {
                 self.status.lease_errors.fetch_add(1, Ordering::Relaxed);
-                let wait = self.lost.map_or(Duration::from_millis(200), |(_, w)| {
-                    (w * 2).min(Duration::from_secs(10))
-                });
+                let wait = self
+                    .lost
+                    .map_or(LEASE_RETRY_FIRST, |(_, w)| next_lease_retry(w));
                 warn!(error = %e, retry_in = ?wait, "could not lease a subnet again");
                 self.lost = Some((Instant::now() + wait, wait));
                 return Ok(());
