@@ -196,7 +196,7 @@ pub fn validate_ifname(name: &str) -> Result<()> {
 }
 
 /// One attachment named in a GC request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 pub struct Attachment {
     #[serde(rename = "containerID")]
     pub container_id: String,
