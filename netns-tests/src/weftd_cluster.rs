@@ -19,8 +19,10 @@
 
 use crate::etcd::{EtcdCluster, EtcdOptions};
 use crate::kube_api::{DEFAULT_TOKEN, FakeApiOptions, FakeApiServer};
-use crate::{Invocation, TempDir, TestNetns, bin_dir, die_with_thread, netns_command};
+use crate::{Invocation, TempDir, TestNetns, bin_dir, die_with_thread, inside, netns_command};
 use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -533,6 +535,73 @@ pub fn wait_dad(ns: &TestNetns, dev: &str) {
             .is_empty()
             .then_some(())
     })
+}
+
+/// The port [`tcp_transfer`] listens on in the receiving pod.
+pub const TCP_PORT: u16 = 5001;
+
+/// Send `len` bytes over TCP from pod `from` to a listener on [`TCP_PORT`] in pod
+/// `to`; panics unless exactly those bytes arrive, from `from`'s own address.
+pub fn tcp_transfer(from: &Pod, to: &Pod, len: usize) {
+    let what = format!(
+        "TCP {} (on {}) → {} (on {})",
+        from.ip, from.node, to.ip, to.node
+    );
+    let dst: SocketAddr = format!("{}:{TCP_PORT}", to.ip).parse().unwrap();
+    let peer = tcp_send(&what, &from.ns, dst, (&to.ns, TCP_PORT), len);
+    assert_eq!(peer.ip().to_string(), from.ip, "{what}: no NAT on the way");
+}
+
+/// Send `len` bytes over TCP from `client` to `dst`, which must lead to a listener
+/// this binds on `server.1` in the netns `server.0`: the source address the listener
+/// saw. Panics, naming `what`, unless exactly those bytes arrive.
+pub fn tcp_send(
+    what: &str,
+    client: &TestNetns,
+    dst: SocketAddr,
+    server: (&TestNetns, u16),
+    len: usize,
+) -> SocketAddr {
+    let listener = inside(server.0, || TcpListener::bind(("0.0.0.0", server.1)))
+        .unwrap_or_else(|e| panic!("{what}: listening: {e}"));
+    let mut conn = inside(client, || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+    })
+    .unwrap_or_else(|e| panic!("{what}: connecting: {e}"));
+    // The handshake is done: accept returns at once.
+    let (mut accepted, peer) = listener.accept().expect("accept");
+    let data = payload(len, len as u64 ^ u64::from(dst.port()));
+    let sent = data.clone();
+    let timeout = Some(Duration::from_secs(60));
+    conn.set_write_timeout(timeout).unwrap();
+    accepted.set_read_timeout(timeout).unwrap();
+    let writer = std::thread::spawn(move || {
+        conn.write_all(&sent)?;
+        conn.shutdown(Shutdown::Write)
+    });
+    let mut got = Vec::with_capacity(len);
+    let read = accepted.read_to_end(&mut got);
+    let written = writer.join().expect("writer thread");
+    assert!(
+        read.is_ok() && written.is_ok(),
+        "{what}: read {read:?}, write {written:?}"
+    );
+    assert_eq!(got.len(), len, "{what}: byte count");
+    assert!(got == data, "{what}: the bytes arrived changed");
+    peer
+}
+
+/// `len` bytes that make corruption or reordering visible.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// subnet.env as flannel's CNI plugin reads it (`net.ParseCIDR`, so the subnet is

@@ -11,11 +11,9 @@
 
 use netns_tests::weftd_cluster::{
     Cluster, DUAL_STACK_VXLAN_CONFIG, HOST_GW_CONFIG, NETWORK, NETWORK_V6, Node, Pod,
-    READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key, metric, network_addr, wait_for,
+    READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key, metric, network_addr, tcp_transfer, wait_for,
 };
-use netns_tests::{TestNetns, exec_line, inside, require_root};
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use netns_tests::{TestNetns, exec_line, require_root};
 use std::time::{Duration, Instant};
 use weft_core::netlink::{Fdb, Netlink};
 use weft_core::netns::NetNs;
@@ -25,8 +23,6 @@ use weft_core::netns::NetNs;
 const CONVERGE: Duration = Duration::from_secs(20);
 /// How long pods may take to reach each other once the entries are there.
 const REACH: Duration = Duration::from_secs(20);
-/// Test port for TCP inside the pods.
-const PORT: u16 = 5001;
 
 // --- helpers ----------------------------------------------------------------------
 
@@ -196,56 +192,6 @@ fn wait_ping(from: &Pod, to: &Pod) {
         REACH,
         || from.ping(&to.ip).then_some(()),
     );
-}
-
-/// `len` bytes that make corruption or reordering visible.
-fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Send `len` bytes over TCP from pod `from` to a listener in pod `to`; panics
-/// unless exactly those bytes arrive.
-fn tcp_transfer(from: &Pod, to: &Pod, len: usize) {
-    let what = format!(
-        "TCP {} (on {}) → {} (on {})",
-        from.ip, from.node, to.ip, to.node
-    );
-    let listener = inside(&to.ns, || TcpListener::bind(("0.0.0.0", PORT)))
-        .unwrap_or_else(|e| panic!("{what}: listening: {e}"));
-    let dst: SocketAddr = format!("{}:{PORT}", to.ip).parse().unwrap();
-    let mut conn = inside(&from.ns, || {
-        TcpStream::connect_timeout(&dst, Duration::from_secs(10))
-    })
-    .unwrap_or_else(|e| panic!("{what}: connecting: {e}"));
-    // The handshake is done: accept returns at once.
-    let (mut accepted, peer) = listener.accept().expect("accept");
-    assert_eq!(peer.ip().to_string(), from.ip, "{what}: no NAT on the way");
-    let data = payload(len, len as u64 ^ u64::from(PORT));
-    let sent = data.clone();
-    let timeout = Some(Duration::from_secs(60));
-    conn.set_write_timeout(timeout).unwrap();
-    accepted.set_read_timeout(timeout).unwrap();
-    let writer = std::thread::spawn(move || {
-        conn.write_all(&sent)?;
-        conn.shutdown(Shutdown::Write)
-    });
-    let mut got = Vec::with_capacity(len);
-    let read = accepted.read_to_end(&mut got);
-    let written = writer.join().expect("writer thread");
-    assert!(
-        read.is_ok() && written.is_ok(),
-        "{what}: read {read:?}, write {written:?}"
-    );
-    assert_eq!(got.len(), len, "{what}: byte count");
-    assert!(got == data, "{what}: the bytes arrived changed");
 }
 
 /// Two pods on node 1 (`pod-1a`, `pod-1b`), one each on nodes 2 and 3.

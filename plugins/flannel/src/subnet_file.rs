@@ -103,15 +103,17 @@ mod tests {
     use super::*;
 
     fn load_text(text: &str) -> Result<NodeSubnets> {
-        let dir = std::env::temp_dir().join(format!("weft-flannel-env-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("weft-flannel-env-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.env", text.len() ^ text.as_ptr() as usize));
+        let path = dir.join("subnet.env");
         std::fs::write(&path, text).unwrap();
         let r = load(&path).map_err(|mut e| {
             e.msg = e.msg.replace(&path.display().to_string(), "F");
             e
         });
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
         r
     }
 
