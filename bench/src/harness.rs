@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 /// One side of the comparison: a directory of plugin binaries.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Impl {
     /// `ours` or `reference`; also used in network names and container IDs.
     pub label: &'static str,
@@ -88,13 +88,21 @@ impl<'a> Target<'a> {
         })
     }
 
+    /// A bridge name of this implementation's own: `prefix` and its label's start.
+    pub fn bridge_name(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{}",
+            self.imp.label.chars().take(3).collect::<String>()
+        )
+    }
+
     /// bridge + host-local: a bridge of this implementation's own, with a gateway.
     pub fn bridge_conf(&self, network: &str, ip_masq: bool) -> Vec<u8> {
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": network,
             "type": "bridge",
-            "bridge": format!("wb-{}", self.imp.label.chars().take(3).collect::<String>()),
+            "bridge": self.bridge_name("wb"),
             "isGateway": true,
             "ipMasq": ip_masq,
             "ipam": self.ipam(),

@@ -68,6 +68,10 @@ Each iteration runs ours then the reference, alternating which goes first. Each
 side gets its own scratch dataDir, network name and subnet; ratio = reference / ours
 median (above 1.00 means ours is faster).
 
+flannel rows run our flannel on both sides: the reference side's CNI_PATH is a
+scratch directory of symlinks to our flannel and the reference bridge and
+host-local, so only the delegates differ.
+
 weftd rows (--only weftd) run ours alone, against a real etcd ({etcd}) in a
 namespace of their own: there is no flanneld binary to compare with, so the
 flanneld figures of the reference doc are printed as notes. They run at most 10
@@ -161,7 +165,7 @@ fn is_solo(row: &Row) -> bool {
 /// (warm-up, timed) iterations of `row`.
 fn iterations(row: &Row, args: &Args) -> (usize, usize) {
     match &row.run {
-        Run::Pair(_) => (args.warmup, args.iterations),
+        Run::Pair(_) | Run::Front { .. } => (args.warmup, args.iterations),
         Run::Solo(s) => (args.warmup.min(1), args.iterations.min(s.max_iterations)),
     }
 }
@@ -236,12 +240,12 @@ fn run(args: &Args) -> Result<()> {
     ];
     let mut binaries: Vec<(&str, PathBuf)> = Vec::new();
     for row in &rows {
-        let sides = if is_solo(row) {
-            &impls[..1]
-        } else {
-            &impls[..]
-        };
         for plugin in row.plugins {
+            let sides = if is_solo(row) || row.front() == Some(plugin) {
+                &impls[..1]
+            } else {
+                &impls[..]
+            };
             for imp in sides {
                 let bin = imp.plugin(plugin);
                 if !is_executable(&bin) {
@@ -289,7 +293,7 @@ fn run(args: &Args) -> Result<()> {
             row.name
         );
         let result = match &row.run {
-            Run::Pair(run) => {
+            Run::Pair(run) | Run::Front { run, .. } => {
                 run_row(row, *run, &impls, &netns, scratch.path(), args).map(|samples| RowResult {
                     row,
                     samples,
@@ -396,6 +400,15 @@ fn run_row(
             }
         })
         .collect();
+    let front_dir = scratch.join(format!("{slug}-bin"));
+    let front_impls;
+    let impls = match row.front() {
+        Some(front) => {
+            front_impls = with_front(impls, row.plugins, front, &front_dir)?;
+            &front_impls
+        }
+        None => impls,
+    };
     let mut targets = Vec::new();
     for imp in impls {
         let data_dir = scratch.join(format!("{slug}-{}", imp.label));
@@ -421,11 +434,31 @@ fn run_row(
     }
 
     // Clean state for the next row.
-    for t in &targets {
-        std::fs::remove_dir_all(&t.data_dir)
-            .with_context(|| format!("removing {}", t.data_dir.display()))?;
+    let front_dir = row.front().map(|_| &front_dir);
+    for dir in targets.iter().map(|t| &t.data_dir).chain(front_dir) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     Ok(samples)
+}
+
+/// `impls` with the reference side's plugins replaced by symlinks in `dir` (new):
+/// to our `front`, and to the reference's other `plugins`.
+fn with_front(impls: &[Impl; 2], plugins: &[&str], front: &str, dir: &Path) -> Result<[Impl; 2]> {
+    std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for plugin in plugins {
+        let imp = &impls[usize::from(*plugin != front)];
+        let (target, link) = (imp.plugin(plugin), dir.join(plugin));
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+    }
+    let [ours, reference] = impls.clone();
+    Ok([
+        ours,
+        Impl {
+            bin_dir: dir.to_path_buf(),
+            ..reference
+        },
+    ])
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -678,6 +711,28 @@ mod tests {
             parse(&["--only", "x", "--help"]),
             Ok(Parsed::Help)
         ));
+    }
+
+    #[test]
+    fn front_rows_link_our_front_and_the_reference_delegates() {
+        let scratch = TempDir::new("weft-bench-test-").unwrap();
+        let side = |label, dir: &str| Impl {
+            label,
+            bin_dir: PathBuf::from(dir),
+            subnet: "10.0.0.0/16",
+        };
+        let impls = [side("ours", "/o"), side("reference", "/r")];
+        let dir = scratch.path().join("bin");
+        let [ours, reference] =
+            with_front(&impls, &["flannel", "bridge"], "flannel", &dir).unwrap();
+        assert_eq!(
+            (ours.bin_dir, reference.label),
+            (PathBuf::from("/o"), "reference")
+        );
+        assert_eq!(reference.bin_dir, dir);
+        let link = |p| std::fs::read_link(dir.join(p)).unwrap();
+        assert_eq!(link("flannel"), PathBuf::from("/o/flannel"));
+        assert_eq!(link("bridge"), PathBuf::from("/r/bridge"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct Row {
     pub name: &'static str,
     pub about: &'static str,
     /// Binaries that must exist in both directories (for [`Run::Solo`] rows:
-    /// in ours only).
+    /// in ours only; a [`Run::Front`] row's front plugin: in ours only).
     pub plugins: &'static [&'static str],
     pub run: Run,
 }
@@ -30,8 +30,25 @@ pub enum Run {
     /// with a fresh data dir and network per row and implementation; `iteration`
     /// counts from 0 (warm-up included).
     Pair(fn(&mut Target, usize) -> Result<Duration>),
+    /// A [`Run::Pair`] row where our `plugin` runs on both sides and only the
+    /// plugins it delegates to on CNI_PATH differ: the reference side's CNI_PATH
+    /// holds ours `plugin` and the reference's other [`Row::plugins`].
+    Front {
+        plugin: &'static str,
+        run: fn(&mut Target, usize) -> Result<Duration>,
+    },
     /// Ours alone.
     Solo(Solo),
+}
+
+impl Row {
+    /// The plugin of ours run on both sides, for a [`Run::Front`] row.
+    pub fn front(&self) -> Option<&'static str> {
+        match self.run {
+            Run::Front { plugin, .. } => Some(plugin),
+            _ => None,
+        }
+    }
 }
 
 pub const ROWS: &[Row] = &[
@@ -76,6 +93,25 @@ pub const ROWS: &[Row] = &[
         about: "the DEL row with ipMasq",
         plugins: &["bridge", "host-local"],
         run: Run::Pair(bridge_del_masq),
+    },
+    Row {
+        name: "flannel ADD",
+        about: "ADD via our flannel (subnet.env) to bridge + host-local, ours vs the reference's; \
+                its DEL is untimed",
+        plugins: &["flannel", "bridge", "host-local"],
+        run: Run::Front {
+            plugin: "flannel",
+            run: flannel_add,
+        },
+    },
+    Row {
+        name: "flannel DEL",
+        about: "DEL of a pod ADDed just before (the ADD is untimed), delegated likewise",
+        plugins: &["flannel", "bridge", "host-local"],
+        run: Run::Front {
+            plugin: "flannel",
+            run: flannel_del,
+        },
     },
     Row {
         name: "host-local 100 parallel ADDs",
@@ -241,19 +277,67 @@ fn bridge_del_masq(t: &mut Target, _: usize) -> Result<Duration> {
 
 fn bridge_add_with(t: &mut Target, ip_masq: bool) -> Result<Duration> {
     let conf = t.bridge_conf(&t.network, ip_masq);
-    let id = t.next_container_id();
-    let (elapsed, out) = t.timed_exec("bridge", "ADD", &id, &conf)?;
-    result_addresses(&out, &t.describe("bridge", "ADD", &id))?;
-    t.exec("bridge", "DEL", &id, &conf)?; // frees eth0 in the shared pod netns
-    Ok(elapsed)
+    pod_add(t, "bridge", &conf)
 }
 
 fn bridge_del_with(t: &mut Target, ip_masq: bool) -> Result<Duration> {
     let conf = t.bridge_conf(&t.network, ip_masq);
+    pod_del(t, "bridge", &conf)
+}
+
+fn flannel_add(t: &mut Target, i: usize) -> Result<Duration> {
+    let conf = flannel_conf(t, i)?;
+    pod_add(t, "flannel", &conf)
+}
+
+fn flannel_del(t: &mut Target, i: usize) -> Result<Duration> {
+    let conf = flannel_conf(t, i)?;
+    pod_del(t, "flannel", &conf)
+}
+
+/// The timed ADD of a new pod, then its DEL (frees eth0 in the shared pod netns).
+fn pod_add(t: &mut Target, plugin: &str, conf: &[u8]) -> Result<Duration> {
     let id = t.next_container_id();
-    t.exec("bridge", "ADD", &id, &conf)?;
-    let (elapsed, _) = t.timed_exec("bridge", "DEL", &id, &conf)?;
+    let (elapsed, out) = t.timed_exec(plugin, "ADD", &id, conf)?;
+    result_addresses(&out, &t.describe(plugin, "ADD", &id))?;
+    t.exec(plugin, "DEL", &id, conf)?;
     Ok(elapsed)
+}
+
+/// An untimed ADD of a new pod, then its timed DEL.
+fn pod_del(t: &mut Target, plugin: &str, conf: &[u8]) -> Result<Duration> {
+    let id = t.next_container_id();
+    t.exec(plugin, "ADD", &id, conf)?;
+    let (elapsed, _) = t.timed_exec(plugin, "DEL", &id, conf)?;
+    Ok(elapsed)
+}
+
+/// kube-flannel's config (bridge, hairpin, default gateway; IPMASQ=true, so no
+/// ipMasq), with its files in the data dir: the subnet.env, written at the row's
+/// first iteration, gives the node the last /24 of the implementation's /16 (clear
+/// of the bridge rows' gateway), the saved delegate configs and host-local's state.
+fn flannel_conf(t: &Target, i: usize) -> Result<Vec<u8>> {
+    let subnet_file = t.data_dir.join("subnet.env");
+    if i == 0 {
+        let (ab, _) = subnet_parts(t);
+        let env = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={ab}.255.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+            t.imp.subnet
+        );
+        std::fs::write(&subnet_file, env)
+            .with_context(|| format!("writing {}", subnet_file.display()))?;
+    }
+    Ok(serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": t.network,
+        "type": "flannel",
+        "subnetFile": subnet_file,
+        "dataDir": t.data_dir.join("flannel"),
+        "ipam": { "dataDir": t.data_dir },
+        "delegate": { "bridge": t.bridge_name("wfl"), "hairpinMode": true, "isDefaultGateway": true },
+    })
+    .to_string()
+    .into_bytes())
 }
 
 fn host_local_version(t: &mut Target, _: usize) -> Result<Duration> {
@@ -406,7 +490,7 @@ fn pod_ip(t: &Target, k: usize) -> String {
 }
 
 fn portmap_bridge(t: &Target) -> String {
-    format!("wpm-{}", t.imp.label.chars().take(3).collect::<String>())
+    t.bridge_name("wpm")
 }
 
 /// portmap config with one tcp mapping and a bridge-like prevResult for pod `k`.
