@@ -15,8 +15,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 use weft_core::backend::Kind;
 use weft_core::lease::{
-    AcquireRequest, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig, PeerEvent,
-    PeerUpdate, SubnetEnv, SubnetKey, first_host_v4, first_host_v6,
+    AcquireRequest, Lease, LeaseError, LeaseSource, NetworkConfig, PeerEvent, PeerUpdate,
+    SubnetEnv, SubnetKey,
 };
 use weft_core::node_masq::NodeMasq;
 
@@ -136,7 +136,7 @@ async fn start<S: LeaseSource>(
         }
     };
     let request = AcquireRequest {
-        attrs: lease_attrs(public, &dp),
+        attrs: dp.plane().lease_attrs(public.0, public.1),
         previous_v4: previous.subnet_v4,
         previous_v6: previous.subnet_v6,
     };
@@ -230,18 +230,6 @@ fn public_ips(
         );
     }
     Ok((config.v4.and(public_ip), config.v6.and(public_ipv6)))
-}
-
-/// The lease value this node publishes: its addresses and the backend's data.
-fn lease_attrs(public: (Option<Ipv4Addr>, Option<Ipv6Addr>), dp: &Programmer) -> LeaseAttrs {
-    let (backend_data, backend_v6_data) = dp.plane().backend_data();
-    LeaseAttrs {
-        public_ip: public.0.unwrap_or(Ipv4Addr::UNSPECIFIED),
-        public_ipv6: public.1,
-        backend_type: dp.plane().kind().name().to_owned(),
-        backend_data,
-        backend_v6_data,
-    }
 }
 
 /// Acquire, retrying what time can fix (store down, contention, a full pool).
@@ -476,14 +464,12 @@ impl<S> Node<'_, S> {
     }
 
     fn write_subnet_file(&self) -> anyhow::Result<()> {
-        let env = SubnetEnv {
-            networks_v4: self.config.network_v4().into_iter().collect(),
-            subnet_v4: self.lease.key.v4.map(first_host_v4),
-            networks_v6: self.config.network_v6().into_iter().collect(),
-            subnet_v6: self.lease.key.v6.map(first_host_v6),
-            mtu: Some(self.mtu()),
-            ipmasq: Some(self.settings.ip_masq),
-        };
+        let env = SubnetEnv::for_lease(
+            &self.config,
+            &self.lease.key,
+            self.mtu(),
+            self.settings.ip_masq,
+        );
         env.write(&self.settings.subnet_file)
             .map_err(|e| anyhow::anyhow!("{e}"))
     }

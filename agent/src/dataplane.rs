@@ -9,8 +9,8 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use tracing::{debug, info, warn};
-use weft_core::backend::{DataPlane, ExtLink, Kind, PeerState, plan};
+use tracing::{info, warn};
+use weft_core::backend::{DataPlane, ExtLink, Kind, plan};
 use weft_core::lease::{Lease, NetworkConfig, SubnetKey};
 use weft_core::netlink::Netlink;
 
@@ -77,11 +77,9 @@ impl Programmer {
         let this = self.clone();
         let started = Instant::now();
         let done = tokio::task::spawn_blocking(move || {
-            let desired = this.desired(&peers);
-            let actual = this.plane.actual(&this.nl)?;
-            let plan = plan(&desired, &actual);
-            let failed = this.plane.apply(&this.nl, &plan);
-            Ok::<_, weft_core::CniError>((plan.len(), desired.len(), failed))
+            let entries = this.plane.desired(&peers).len();
+            let (writes, failed) = this.plane.converge(&this.nl, &peers)?;
+            Ok::<_, weft_core::CniError>((writes, entries, failed))
         })
         .await;
         match done {
@@ -108,8 +106,8 @@ impl Programmer {
         let this = self.clone();
         let started = Instant::now();
         let failed = tokio::task::spawn_blocking(move || {
-            let before = this.desired(old.as_slice());
-            let after = this.desired(new.as_slice());
+            let before = this.plane.desired(old.as_slice());
+            let after = this.plane.desired(new.as_slice());
             this.plane.apply(&this.nl, &plan(&after, &before))
         })
         .await
@@ -117,17 +115,6 @@ impl Programmer {
         self.report(&failed);
         self.status
             .observe_reconcile(started.elapsed().as_secs_f64());
-    }
-
-    fn desired(&self, peers: &[Lease]) -> PeerState {
-        let mut all = PeerState::default();
-        for peer in peers {
-            match self.plane.peer_state(peer) {
-                Ok(s) => all.merge(s),
-                Err(why) => debug!(subnet = %peer.key, why, "peer not programmed"),
-            }
-        }
-        all
     }
 
     fn report(&self, failed: &[(weft_core::netlink::NetOp, weft_core::CniError)]) {

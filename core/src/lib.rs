@@ -20,6 +20,8 @@ pub mod nft;
 pub mod node_masq;
 pub mod skel;
 pub mod spec;
+#[cfg(feature = "etcd")]
+pub mod standalone;
 pub mod sysctl;
 pub mod version;
 

@@ -13,11 +13,12 @@
 //! entries deleted by hand come back and entries of peers that left while the agent
 //! was down go away.
 
+pub mod iface;
 mod plan;
 
 pub use plan::{PeerState, Plan, plan};
 
-use crate::lease::{Lease, NetworkConfig, SubnetKey, gojson};
+use crate::lease::{Lease, LeaseAttrs, NetworkConfig, SubnetKey, gojson};
 use crate::netlink::{Fdb, Neigh, NetOp, Netlink, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanSpec};
 use crate::{CniError, Result};
 use ipnet::IpNet;
@@ -210,6 +211,47 @@ impl DataPlane {
             }
         }
         Ok(())
+    }
+
+    /// The lease value this node publishes: its addresses and the backend's data.
+    pub fn lease_attrs(
+        &self,
+        public_v4: Option<std::net::Ipv4Addr>,
+        public_v6: Option<std::net::Ipv6Addr>,
+    ) -> LeaseAttrs {
+        let (backend_data, backend_v6_data) = self.backend_data();
+        LeaseAttrs {
+            public_ip: public_v4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            public_ipv6: public_v6,
+            backend_type: self.kind.name().to_owned(),
+            backend_data,
+            backend_v6_data,
+        }
+    }
+
+    /// The entries all of `peers` need (peers this backend cannot program are
+    /// skipped, logged at debug level).
+    pub fn desired(&self, peers: &[Lease]) -> PeerState {
+        let mut all = PeerState::default();
+        for peer in peers {
+            match self.peer_state(peer) {
+                Ok(s) => all.merge(s),
+                Err(why) => crate::debug!("peer {} not programmed: {why}", peer.key),
+            }
+        }
+        all
+    }
+
+    /// Make the kernel hold exactly what `peers` need. Returns the number of writes
+    /// planned and the ones that failed.
+    pub fn converge(
+        &self,
+        nl: &Netlink,
+        peers: &[Lease],
+    ) -> Result<(usize, Vec<(NetOp, CniError)>)> {
+        let desired = self.desired(peers);
+        let plan = plan(&desired, &self.actual(nl)?);
+        Ok((plan.len(), self.apply(nl, &plan)))
     }
 
     /// The entries one peer needs (none for a peer of another backend type or with

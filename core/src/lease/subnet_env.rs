@@ -1,7 +1,7 @@
 //! `/run/flannel/subnet.env`: what the node leased, for the CNI plugins and for the
 //! next start (a restarted node asks for the same subnet again).
 
-use super::LeaseError;
+use super::{LeaseError, NetworkConfig, SubnetKey, first_host_v4, first_host_v6};
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -22,6 +22,19 @@ pub struct SubnetEnv {
 }
 
 impl SubnetEnv {
+    /// What a node holding `key` in the network of `config` writes, with the
+    /// backend's pod MTU and whether the node masquerades itself.
+    pub fn for_lease(config: &NetworkConfig, key: &SubnetKey, mtu: u32, ipmasq: bool) -> SubnetEnv {
+        SubnetEnv {
+            networks_v4: config.network_v4().into_iter().collect(),
+            subnet_v4: key.v4.map(first_host_v4),
+            networks_v6: config.network_v6().into_iter().collect(),
+            subnet_v6: key.v6.map(first_host_v6),
+            mtu: Some(mtu),
+            ipmasq: Some(ipmasq),
+        }
+    }
+
     /// The text flanneld writes, line for line.
     pub fn render(&self) -> String {
         let mut s = String::new();

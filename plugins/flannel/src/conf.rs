@@ -26,8 +26,14 @@ pub struct FlannelConf {
 }
 
 impl FlannelConf {
-    pub fn load(req: &Request) -> Result<FlannelConf> {
-        req.parse_conf()
+    /// The conf of `req`, saved configs under `default_data_dir` unless `dataDir`
+    /// names another directory.
+    pub fn load(req: &Request, default_data_dir: &'static str) -> Result<FlannelConf> {
+        let mut fc: FlannelConf = req.parse_conf()?;
+        if fc.data_dir.is_empty() {
+            fc.data_dir = default_data_dir.into();
+        }
+        Ok(fc)
     }
 
     pub fn subnet_file(&self) -> PathBuf {
@@ -35,7 +41,7 @@ impl FlannelConf {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        PathBuf::from(or_default(&self.data_dir, DEFAULT_DATA_DIR))
+        PathBuf::from(&self.data_dir)
     }
 
     /// The config the delegate (bridge by default) is run with, keys sorted as Go
@@ -188,7 +194,7 @@ mod tests {
 
     fn render(conf: &str, node: &NodeSubnets) -> Result<String> {
         let req = request(conf);
-        let fc = FlannelConf::load(&req)?;
+        let fc = FlannelConf::load(&req, DEFAULT_DATA_DIR)?;
         Ok(serde_json::to_string(&fc.delegate_conf(&req, node)?).unwrap())
     }
 
@@ -268,7 +274,7 @@ mod tests {
     fn defaults_for_files() {
         let req =
             request(r#"{"cniVersion":"1.0.0","name":"n","type":"flannel","subnetFile":null}"#);
-        let fc = FlannelConf::load(&req).unwrap();
+        let fc = FlannelConf::load(&req, DEFAULT_DATA_DIR).unwrap();
         assert_eq!(fc.subnet_file(), PathBuf::from(DEFAULT_SUBNET_FILE));
         assert_eq!(fc.data_dir(), PathBuf::from(DEFAULT_DATA_DIR));
     }
