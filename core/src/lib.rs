@@ -2,6 +2,7 @@
 //! namespaces, and the small helpers every plugin needs.
 
 pub mod args;
+pub mod atomic_file;
 pub mod backend;
 pub mod background;
 pub mod conntrack;

@@ -4,8 +4,6 @@
 use super::{LeaseError, NetworkConfig, SubnetKey, first_host_v4, first_host_v6};
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 /// The file's content. Subnets are written in flanneld's form, the first address
@@ -108,39 +106,12 @@ impl SubnetEnv {
     /// readers see the old file or the new one, never a torn one. Directory 0755,
     /// file 0644, as flanneld.
     pub fn write(&self, path: &Path) -> Result<(), LeaseError> {
-        let io = |what: &str, e: std::io::Error| {
-            LeaseError::Io(format!("{what} {}: {e}", path.display()))
+        let modes = crate::atomic_file::Modes {
+            dir: 0o755,
+            file: 0o644,
         };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| io("creating the directory of", e))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io("writing", e));
-        }
-        Ok(())
+        crate::atomic_file::write(path, self.render().as_bytes(), modes, true)
+            .map_err(|e| LeaseError::Io(format!("writing {}: {e}", path.display())))
     }
 }
 

@@ -7,9 +7,8 @@
 //! occur in a container ID, so the two forms never collide.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use weft_core::atomic_file;
 use weft_core::error::{CniError, Result};
 
 /// The interface name kubelet and most runtimes use, saved under the bare ID.
@@ -32,31 +31,13 @@ fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
     }
 }
 
-/// Save `bytes` for `(container_id, ifname)`: directory 0700, file 0600.
+/// Save `bytes` for `(container_id, ifname)`: directory 0700, file 0600, synced
+/// before it replaces anything, so a power loss cannot leave an empty file that
+/// DEL cannot use (cni-plugin#43).
 pub fn save(dir: &Path, container_id: &str, ifname: &str, bytes: &[u8]) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
     let dest = path(dir, container_id, ifname);
-    let tmp = dir.join(format!(".{container_id}.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        // A power loss must not leave an empty file that DEL cannot use (cni-plugin#43).
-        f.sync_all()?;
-        fs::rename(&tmp, &dest)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CniError::io(format!("writing {}", dest.display()), e)
-    })
+    atomic_file::write(&dest, bytes, atomic_file::PRIVATE, true)
+        .map_err(|e| CniError::io(format!("writing {}", dest.display()), e))
 }
 
 /// The saved config of `(container_id, ifname)`, if any. For a non-default ifname

@@ -9,9 +9,8 @@
 use crate::rules::Key;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use weft_core::atomic_file;
 use weft_core::error::{CniError, Result};
 use weft_core::nft;
 
@@ -34,28 +33,10 @@ fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
 }
 
 pub fn save(dir: &Path, rec: &Record) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| CniError::io(format!("creating {}", dir.display()), e))?;
     let dest = path(dir, &rec.container_id, &rec.ifname);
-    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
     let text = serde_json::to_vec(rec).map_err(|e| CniError::internal(e.to_string()))?;
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&text)?;
-        fs::rename(&tmp, &dest)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CniError::io(format!("writing {}", dest.display()), e)
-    })
+    atomic_file::write(&dest, &text, atomic_file::PRIVATE, false)
+        .map_err(|e| CniError::io(format!("writing {}", dest.display()), e))
 }
 
 /// The attachment's record; `None` when there is none or it cannot be read (logged).
