@@ -1,15 +1,14 @@
 //! A node brought up by a CNI plugin when no agent runs: the overlay plugins'
 //! conf names a lease source (etcd, or a fixed PodCIDR with the network config
 //! inline), and the first ADD or STATUS on the node leases a subnet, prepares the
-//! backend (VTEP or nothing), programs the peers known at that moment and writes
-//! subnet.env, under a node-wide lock. Every later call finds subnet.env and goes
-//! no further: local state only, no store round trip.
-//!
-//! What an agent does continuously (renewing the lease, following peers as they
-//! come and go) does not happen here: a standalone node's etcd lease is created
-//! like weftd's (24 h) and not renewed, and peers that join later are not
-//! programmed on it. Run weftd for a cluster that changes; standalone mode is for
-//! fixed clusters and bootstrapping.
+//! backend (VTEP or nothing), programs the peers and writes subnet.env, under a
+//! node-wide lock. Later calls find subnet.env and go no further (local state only,
+//! no store round trip), except one call per `peerResync` period, which syncs
+//! again: the same steps, idempotent (the VTEP is kept, our own lease is found by
+//! our address and kept alive, peers that came or went are converged). Runtimes
+//! call STATUS every few seconds, so that is what keeps a standalone node's lease
+//! alive and its peers current; a sync that fails is logged and retried a period
+//! later, never failing the call that triggered it.
 
 use crate::backend::iface::{self, ExtIface};
 use crate::backend::{DataPlane, ExtLink, Kind};
@@ -28,8 +27,10 @@ use std::time::Duration;
 
 /// flanneld's default etcd prefix.
 const DEFAULT_PREFIX: &str = "/coreos.com/network";
-/// How long the first peer listing may take before bring-up gives up.
+/// How long the peer listing may take before a sync gives up.
 const PEERS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `peerResync`.
+const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 
 /// The lease source keys of an overlay plugin's conf.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -52,6 +53,9 @@ pub struct SourceConf {
     pub public_ip: Option<Ipv4Addr>,
     #[serde(default, rename = "publicIPv6")]
     pub public_ipv6: Option<Ipv6Addr>,
+    /// Seconds between syncs of an up node (default 60; 0: every call).
+    #[serde(default)]
+    pub peer_resync: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -116,16 +120,66 @@ pub fn check_backend(kind: &Kind, wanted: &str) -> Result<()> {
     Ok(())
 }
 
-/// Bring the node up unless subnet.env exists; see the module docs. `backend` is
-/// the plugin's (`vxlan`, `host-gw`).
+/// Bring the node up unless subnet.env exists, or sync it when a `peerResync`
+/// period has passed since the last sync; see the module docs. `backend` is the
+/// plugin's (`vxlan`, `host-gw`).
 pub fn ensure_up(conf: &SourceConf, backend: &str, subnet_file: &Path) -> Result<()> {
-    if !conf.is_set() || subnet_file.exists() {
+    if !conf.is_set() {
         return Ok(());
     }
-    let _lock = lock(subnet_file)?;
+    let marker = sync_marker(subnet_file);
+    if subnet_file.exists() {
+        let resync = conf.peer_resync.map_or(DEFAULT_RESYNC, Duration::from_secs);
+        let age = std::fs::metadata(&marker)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a < resync) {
+            return Ok(());
+        }
+        // Due: one caller syncs, the others (lock busy) take the fast path.
+        let Some(_lock) = lock(subnet_file, false)? else {
+            return Ok(());
+        };
+        if let Err(e) = sync(conf, backend, subnet_file) {
+            crate::warn!(
+                "syncing the node failed, retried in a resync period: {}",
+                e.msg
+            );
+        }
+        return touch(&marker);
+    }
+    let _lock = lock(subnet_file, true)?;
     if subnet_file.exists() {
         return Ok(()); // another plugin brought it up while we waited
     }
+    sync(conf, backend, subnet_file)?;
+    touch(&marker)
+}
+
+/// When the node last synced: the mtime of a file next to subnet.env.
+fn sync_marker(subnet_file: &Path) -> PathBuf {
+    sibling(subnet_file, "synced")
+}
+
+/// `.<subnet file name>.<suffix>` in subnet.env's directory.
+fn sibling(subnet_file: &Path, suffix: &str) -> PathBuf {
+    let dir = subnet_file.parent().unwrap_or(Path::new("/"));
+    let name = subnet_file
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    dir.join(format!(".{name}.{suffix}"))
+}
+
+fn touch(path: &Path) -> Result<()> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .map_err(|e| CniError::io(path.display(), e))
+}
+
+/// Lease, backend, peers, subnet.env, from the conf's source.
+fn sync(conf: &SourceConf, backend: &str, subnet_file: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -146,24 +200,33 @@ pub fn ensure_up(conf: &SourceConf, backend: &str, subnet_file: &Path) -> Result
     })
 }
 
-/// The node-wide lock: a file next to subnet.env, flock'ed.
-fn lock(subnet_file: &Path) -> Result<std::fs::File> {
-    let dir = subnet_file.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(|e| CniError::io(dir.display(), e))?;
-    let name = subnet_file
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy();
-    let path = dir.join(format!(".{name}.lock"));
+/// The node-wide lock: a file next to subnet.env, flock'ed. Without `wait`,
+/// `None` when another process holds it.
+fn lock(subnet_file: &Path, wait: bool) -> Result<Option<std::fs::File>> {
+    let path = sibling(subnet_file, "lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CniError::io(dir.display(), e))?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
         .map_err(|e| CniError::io(path.display(), e))?;
-    file.lock()
-        .map_err(|e| CniError::io(format!("locking {}", path.display()), e))?;
-    Ok(file)
+    let locked = if wait {
+        file.lock().map(|_| true)
+    } else {
+        match file.try_lock() {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    };
+    match locked {
+        Ok(true) => Ok(Some(file)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(CniError::io(format!("locking {}", path.display()), e)),
+    }
 }
 
 fn etcd_options(c: &EtcdConf) -> Result<EtcdOptions> {
@@ -204,7 +267,8 @@ fn static_source(conf: &SourceConf) -> Result<StaticSource> {
     StaticSource::new(config, &subnets).map_err(lease_error)
 }
 
-/// Lease, backend, peers, subnet.env: weftd's start, once.
+/// Lease, backend, peers, subnet.env: weftd's start, once. A first bring-up that
+/// fails removes the VTEPs it created.
 async fn bring_up<S: LeaseSource>(
     mut source: S,
     conf: &SourceConf,
@@ -220,54 +284,89 @@ async fn bring_up<S: LeaseSource>(
     let kind = Kind::of(&config).map_err(CniError::config)?;
     check_backend(&kind, backend)?;
     let nl = Netlink::host()?;
-    let ext = iface::choose(
-        &nl,
-        &conf
-            .iface
-            .as_ref()
-            .map(OneOrMany::items)
-            .unwrap_or_default(),
-    )?;
+    let wanted = conf.iface.as_ref().map(OneOrMany::items);
+    let ext = iface::choose(&nl, &wanted.unwrap_or_default())?;
     let (v4, v6) = public_ips(&config, conf, &ext)?;
-    let plane = DataPlane::prepare(
-        &nl,
-        kind,
-        ext_link(&nl, &ext)?,
-        v4.map(Into::into),
-        v6.map(Into::into),
-    )?;
-    let request = AcquireRequest {
-        attrs: plane.lease_attrs(v4, v6),
-        previous_v4: None,
-        previous_v6: None,
+    let initial = !subnet_file.exists();
+    let existed: Vec<u32> = iface::all_links(&nl)?.iter().map(|l| l.index).collect();
+    let link = ext_link(&nl, &ext)?;
+    let plane = DataPlane::prepare(&nl, kind, link, v4.map(Into::into), v6.map(Into::into))?;
+    let node = Up {
+        nl: &nl,
+        plane: &plane,
+        config: &config,
+        ext: &ext,
     };
-    let lease = source
-        .acquire(&config, &request)
-        .await
-        .map_err(lease_error)?;
-    plane.assign(&nl, &lease.key, &config)?;
-    let peers = match tokio::time::timeout(PEERS_TIMEOUT, source.next_peers()).await {
-        Ok(Ok(PeerUpdate::Snapshot(all))) => all,
-        Ok(Ok(PeerUpdate::Events(_))) => Vec::new(),
-        Ok(Err(e)) => return Err(lease_error(e)),
-        Err(_) => {
-            return Err(CniError::new(
-                code::TRY_AGAIN_LATER,
-                "listing the peers timed out",
-            ));
+    let result = node
+        .lease_and_program(&mut source, (v4, v6), subnet_file)
+        .await;
+    if result.is_err() && initial {
+        for index in plane.vtep_indexes() {
+            if !existed.contains(&index) {
+                let _ = nl.delete_link(index);
+            }
         }
-    };
-    let peers: Vec<_> = peers.into_iter().filter(|p| p.key != lease.key).collect();
-    let (_, failed) = plane.converge(&nl, &peers)?;
-    if let Some((op, e)) = failed.first() {
-        return Err(CniError::internal(format!("programming {op}: {}", e.msg)));
     }
-    let mtu = plane.kind().pod_mtu(ext.mtu);
-    SubnetEnv::for_lease(&config, &lease.key, mtu, false)
-        .write(subnet_file)
-        .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
-    crate::info!("node up: leased {} on {}", lease.key, ext.name);
-    Ok(())
+    result
+}
+
+/// A node whose backend is prepared.
+struct Up<'a> {
+    nl: &'a Netlink,
+    plane: &'a DataPlane,
+    config: &'a NetworkConfig,
+    ext: &'a ExtIface,
+}
+
+impl Up<'_> {
+    async fn lease_and_program<S: LeaseSource>(
+        &self,
+        source: &mut S,
+        (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        subnet_file: &Path,
+    ) -> Result<()> {
+        let previous = SubnetEnv::read(subnet_file)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let request = AcquireRequest {
+            attrs: self.plane.lease_attrs(v4, v6),
+            previous_v4: previous.subnet_v4,
+            previous_v6: previous.subnet_v6,
+        };
+        let lease = source
+            .acquire(self.config, &request)
+            .await
+            .map_err(lease_error)?;
+        // A lease found again (a sync) gets its TTL back.
+        let lease = source.renew(&lease).await.map_err(lease_error)?;
+        self.plane.assign(self.nl, &lease.key, self.config)?;
+        let peers = match tokio::time::timeout(PEERS_TIMEOUT, source.next_peers()).await {
+            Ok(Ok(PeerUpdate::Snapshot(all))) => all,
+            Ok(Ok(PeerUpdate::Events(_))) => Vec::new(),
+            Ok(Err(e)) => return Err(lease_error(e)),
+            Err(_) => {
+                let msg = "listing the peers timed out";
+                return Err(CniError::new(code::TRY_AGAIN_LATER, msg));
+            }
+        };
+        let peers: Vec<_> = peers.into_iter().filter(|p| p.key != lease.key).collect();
+        let (_, failed) = self.plane.converge(self.nl, &peers)?;
+        if let Some((op, e)) = failed.first() {
+            return Err(CniError::internal(format!("programming {op}: {}", e.msg)));
+        }
+        let mtu = self.plane.kind().pod_mtu(self.ext.mtu);
+        SubnetEnv::for_lease(self.config, &lease.key, mtu, false)
+            .write(subnet_file)
+            .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
+        crate::info!(
+            "node synced: {} on {}, {} peers",
+            lease.key,
+            self.ext.name,
+            peers.len()
+        );
+        Ok(())
+    }
 }
 
 fn ext_link(nl: &Netlink, ext: &ExtIface) -> Result<ExtLink> {

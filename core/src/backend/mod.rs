@@ -171,6 +171,15 @@ impl DataPlane {
         &self.kind
     }
 
+    /// The VTEPs' interface indexes (none for host-gw).
+    pub fn vtep_indexes(&self) -> Vec<u32> {
+        [self.vtep4, self.vtep6]
+            .iter()
+            .flatten()
+            .map(|v| v.index)
+            .collect()
+    }
+
     /// `BackendData` and `BackendV6Data` of our lease.
     pub fn backend_data(&self) -> (Option<Value>, Option<Value>) {
         let Kind::Vxlan(c) = &self.kind else {
