@@ -18,12 +18,14 @@ use crate::lease::{
     AcquireRequest, LeaseError, LeaseSource, NetworkConfig, PeerUpdate, StaticSource, SubnetEnv,
 };
 use crate::netlink::Netlink;
+use crate::node_masq::NodeMasq;
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::runtime::Runtime;
 
 /// flanneld's default etcd prefix.
 const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -53,6 +55,10 @@ pub struct SourceConf {
     pub public_ip: Option<Ipv4Addr>,
     #[serde(default, rename = "publicIPv6")]
     pub public_ipv6: Option<Ipv6Addr>,
+    /// Masquerade node-wide as flanneld's `--ip-masq` (default true, as
+    /// kube-flannel runs it); false: the bridge masquerades per pod.
+    #[serde(default)]
+    pub ip_masq: Option<bool>,
     /// Seconds between syncs of an up node (default 60; 0: every call).
     #[serde(default)]
     pub peer_resync: Option<u64>,
@@ -178,26 +184,25 @@ fn touch(path: &Path) -> Result<()> {
         .map_err(|e| CniError::io(path.display(), e))
 }
 
-/// Lease, backend, peers, subnet.env, from the conf's source.
+/// Lease, backend, peers, subnet.env, from the conf's source. The lease calls run
+/// on a runtime of their own, one at a time: netlink (sync) keeps its own.
 fn sync(conf: &SourceConf, backend: &str, subnet_file: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CniError::io("starting the lease runtime", e))?;
-    rt.block_on(async {
-        match (&conf.etcd, &conf.pod_cidr) {
-            (Some(_), Some(_)) => Err(CniError::config(
-                "\"etcd\" and \"podCIDR\" are two lease sources: give one",
-            )),
-            (Some(etcd), None) => {
-                let source = EtcdSource::connect(&etcd_options(etcd)?)
-                    .await
-                    .map_err(lease_error)?;
-                bring_up(source, conf, backend, subnet_file).await
-            }
-            (None, _) => bring_up(static_source(conf)?, conf, backend, subnet_file).await,
+    match (&conf.etcd, &conf.pod_cidr) {
+        (Some(_), Some(_)) => Err(CniError::config(
+            "\"etcd\" and \"podCIDR\" are two lease sources: give one",
+        )),
+        (Some(etcd), None) => {
+            let source = rt
+                .block_on(EtcdSource::connect(&etcd_options(etcd)?))
+                .map_err(lease_error)?;
+            bring_up(&rt, source, conf, backend, subnet_file)
         }
-    })
+        (None, _) => bring_up(&rt, static_source(conf)?, conf, backend, subnet_file),
+    }
 }
 
 /// The node-wide lock: a file next to subnet.env, flock'ed. Without `wait`,
@@ -269,13 +274,14 @@ fn static_source(conf: &SourceConf) -> Result<StaticSource> {
 
 /// Lease, backend, peers, subnet.env: weftd's start, once. A first bring-up that
 /// fails removes the VTEPs it created.
-async fn bring_up<S: LeaseSource>(
+fn bring_up<S: LeaseSource>(
+    rt: &Runtime,
     mut source: S,
     conf: &SourceConf,
     backend: &str,
     subnet_file: &Path,
 ) -> Result<()> {
-    let config = source.network_config().await.map_err(lease_error)?;
+    let config = rt.block_on(source.network_config()).map_err(lease_error)?;
     if !config.backend.explicit {
         return Err(CniError::config(
             "the network config has no Backend: set \"Backend\": {\"Type\": \"vxlan\"} or \"host-gw\"",
@@ -292,14 +298,14 @@ async fn bring_up<S: LeaseSource>(
     let link = ext_link(&nl, &ext)?;
     let plane = DataPlane::prepare(&nl, kind, link, v4.map(Into::into), v6.map(Into::into))?;
     let node = Up {
+        rt,
         nl: &nl,
         plane: &plane,
         config: &config,
         ext: &ext,
+        ip_masq: conf.ip_masq.unwrap_or(true),
     };
-    let result = node
-        .lease_and_program(&mut source, (v4, v6), subnet_file)
-        .await;
+    let result = node.lease_and_program(&mut source, (v4, v6), subnet_file);
     if result.is_err() && initial {
         for index in plane.vtep_indexes() {
             if !existed.contains(&index) {
@@ -312,14 +318,16 @@ async fn bring_up<S: LeaseSource>(
 
 /// A node whose backend is prepared.
 struct Up<'a> {
+    rt: &'a Runtime,
     nl: &'a Netlink,
     plane: &'a DataPlane,
     config: &'a NetworkConfig,
     ext: &'a ExtIface,
+    ip_masq: bool,
 }
 
 impl Up<'_> {
-    async fn lease_and_program<S: LeaseSource>(
+    fn lease_and_program<S: LeaseSource>(
         &self,
         source: &mut S,
         (v4, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
@@ -334,14 +342,19 @@ impl Up<'_> {
             previous_v4: previous.subnet_v4,
             previous_v6: previous.subnet_v6,
         };
-        let lease = source
-            .acquire(self.config, &request)
-            .await
+        let lease = self
+            .rt
+            .block_on(source.acquire(self.config, &request))
             .map_err(lease_error)?;
         // A lease found again (a sync) gets its TTL back.
-        let lease = source.renew(&lease).await.map_err(lease_error)?;
+        let lease = self
+            .rt
+            .block_on(source.renew(&lease))
+            .map_err(lease_error)?;
         self.plane.assign(self.nl, &lease.key, self.config)?;
-        let peers = match tokio::time::timeout(PEERS_TIMEOUT, source.next_peers()).await {
+        // The timer is made inside the runtime: it needs its clock.
+        let listing = async { tokio::time::timeout(PEERS_TIMEOUT, source.next_peers()).await };
+        let peers = match self.rt.block_on(listing) {
             Ok(Ok(PeerUpdate::Snapshot(all))) => all,
             Ok(Ok(PeerUpdate::Events(_))) => Vec::new(),
             Ok(Err(e)) => return Err(lease_error(e)),
@@ -355,8 +368,9 @@ impl Up<'_> {
         if let Some((op, e)) = failed.first() {
             return Err(CniError::internal(format!("programming {op}: {}", e.msg)));
         }
+        self.masquerade(&lease.key)?;
         let mtu = self.plane.kind().pod_mtu(self.ext.mtu);
-        SubnetEnv::for_lease(self.config, &lease.key, mtu, false)
+        SubnetEnv::for_lease(self.config, &lease.key, mtu, self.ip_masq)
             .write(subnet_file)
             .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
         crate::info!(
@@ -366,6 +380,25 @@ impl Up<'_> {
             peers.len()
         );
         Ok(())
+    }
+
+    /// flanneld's `--ip-masq` rules (pod traffic leaving the cluster network is
+    /// masqueraded, pod-to-pod keeps its addresses) and forward accepts; without
+    /// `ipMasq` the bridge masquerades per pod instead.
+    fn masquerade(&self, key: &crate::lease::SubnetKey) -> Result<()> {
+        if !self.ip_masq {
+            return Ok(());
+        }
+        NodeMasq {
+            network_v4: self.config.network_v4(),
+            subnet_v4: key.v4,
+            network_v6: self.config.network_v6(),
+            subnet_v6: key.v6,
+            fully_random: true,
+            forward_rules: true,
+            masquerade: true,
+        }
+        .apply()
     }
 }
 

@@ -846,3 +846,52 @@ impl Drop for Weftd {
         }
     }
 }
+
+/// Whatever the CNI plugins and the driver keep of any attachment on `node`, one
+/// line each: ports on cni0, host-local reservations of network `net` under
+/// `root/ipam`, saved delegate configs in `root/<saved>`, portmap records in
+/// `root/portmap` and its map elements, the driver's cached results. The chains
+/// in these tests keep all their state under `root`.
+pub fn attachment_leftovers(
+    node: &Node,
+    root: &std::path::Path,
+    net: &str,
+    saved: &str,
+    driver: &crate::driver::Driver,
+) -> Vec<String> {
+    let ns = &node.ns;
+    let mut left: Vec<String> = Vec::new();
+    if node.has_link("cni0") {
+        let ports = ns.exec_ok(&["ip", "-o", "link", "show", "master", "cni0"]);
+        left.extend(ports.lines().map(|l| format!("port on cni0: {l}")));
+    }
+    let ipam = crate::reservations(&root.join("ipam").join(net));
+    left.extend(ipam.keys().map(|a| format!("reservation {a}")));
+    let files = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(root.join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    left.extend(files(saved).iter().map(|f| format!("saved config {f}")));
+    let records = files("portmap");
+    let records = records.iter().filter(|f| f.ends_with(".json"));
+    left.extend(records.map(|f| format!("portmap record {f}")));
+    let table = ns.exec(&["nft", "-j", "list", "table", "inet", "weft_portmap"]);
+    let table: Value = serde_json::from_slice(&table.stdout).unwrap_or(Value::Null);
+    let maps = table["nftables"].as_array().into_iter().flatten();
+    let elems =
+        maps.filter_map(|o| Some((o["map"]["name"].as_str()?, o["map"]["elem"].as_array()?)));
+    for (map, elem) in elems {
+        left.extend(elem.iter().map(|e| format!("portmap {map} element {e}")));
+    }
+    let cached = driver.cached_attachments();
+    left.extend(
+        cached
+            .iter()
+            .map(|c| format!("cached result of {}", c.container_id)),
+    );
+    left
+}

@@ -12,10 +12,10 @@
 
 use netns_tests::driver::{Attachment, Driver};
 use netns_tests::weftd_cluster::{
-    Cluster, NETWORK, Node, Pod, READY_TIMEOUT, SUBNETS, VXLAN_CONFIG, Weftd, first_host,
-    lease_key, lease_value, metric, network_addr, tcp_send, tcp_transfer, wait_for,
+    Cluster, NETWORK, Node, Pod, READY_TIMEOUT, SUBNETS, VXLAN_CONFIG, Weftd, attachment_leftovers,
+    first_host, lease_key, lease_value, metric, network_addr, tcp_send, tcp_transfer, wait_for,
 };
-use netns_tests::{TestNetns, bin_dir, exec_line, require_root, reservations};
+use netns_tests::{TestNetns, bin_dir, exec_line, require_root};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -114,45 +114,8 @@ impl<'a> Runtime<'a> {
     /// one line each: ports on cni0, host-local reservations, flannel scratch files,
     /// portmap elements and records, cached results.
     fn leftovers(&self) -> Vec<String> {
-        let ns = &self.node.ns;
-        let mut left: Vec<String> = ns
-            .exec_ok(&["ip", "-o", "link", "show", "master", "cni0"])
-            .lines()
-            .map(|l| format!("port on cni0: {l}"))
-            .collect();
-        let ipam = self.node.dir.join("ipam").join(NET);
-        left.extend(
-            reservations(&ipam)
-                .keys()
-                .map(|a| format!("reservation {a}")),
-        );
-        let files = |dir: &str| -> Vec<String> {
-            std::fs::read_dir(self.node.dir.join(dir))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        };
-        left.extend(files("flannel").iter().map(|f| format!("flannel file {f}")));
-        let records = files("portmap");
-        let records = records.iter().filter(|f| f.ends_with(".json"));
-        left.extend(records.map(|f| format!("portmap record {f}")));
-        let table = ns.exec(&["nft", "-j", "list", "table", "inet", "weft_portmap"]);
-        let table: Value = serde_json::from_slice(&table.stdout).unwrap_or(Value::Null);
-        let maps = table["nftables"].as_array().into_iter().flatten();
-        let elems =
-            maps.filter_map(|o| Some((o["map"]["name"].as_str()?, o["map"]["elem"].as_array()?)));
-        for (map, elem) in elems {
-            left.extend(elem.iter().map(|e| format!("portmap {map} element {e}")));
-        }
-        let cached = self.driver.cached_attachments();
-        left.extend(
-            cached
-                .iter()
-                .map(|c| format!("cached result of {}", c.container_id)),
-        );
-        left
+        let root = self.node.dir.path();
+        attachment_leftovers(self.node, root, NET, "flannel", &self.driver)
     }
 }
 
