@@ -11,13 +11,13 @@
 //! later, never failing the call that triggered it.
 
 use crate::backend::iface::{self, ExtIface};
-use crate::backend::{DataPlane, ExtLink, Kind};
+use crate::backend::{DataPlane, ExtLink, Kind, ROUTE_PROTOCOL};
 use crate::error::{CniError, Result, code};
 use crate::lease::etcd::{EtcdOptions, EtcdSource};
 use crate::lease::{
     AcquireRequest, LeaseError, LeaseSource, NetworkConfig, PeerUpdate, StaticSource, SubnetEnv,
 };
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, OwnedRoute};
 use crate::node_masq::NodeMasq;
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -368,6 +368,8 @@ impl Up<'_> {
         if let Some((op, e)) = failed.first() {
             return Err(CniError::internal(format!("programming {op}: {}", e.msg)));
         }
+        let routes = self.plane.desired(&peers).routes.into_values();
+        record_routes(subnet_file, &routes.collect::<Vec<_>>())?;
         self.masquerade(&lease.key)?;
         let mtu = self.plane.kind().pod_mtu(self.ext.mtu);
         SubnetEnv::for_lease(self.config, &lease.key, mtu, self.ip_masq)
@@ -399,6 +401,62 @@ impl Up<'_> {
             masquerade: true,
         }
         .apply()
+    }
+}
+
+/// A peer route as the last sync programmed it, for CHECK.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+struct RouteRecord {
+    dst: IpNet,
+    gw: std::net::IpAddr,
+    oif: Option<u32>,
+}
+
+impl From<&OwnedRoute> for RouteRecord {
+    fn from(r: &OwnedRoute) -> Self {
+        RouteRecord {
+            dst: r.dst,
+            gw: r.gw,
+            oif: r.oif,
+        }
+    }
+}
+
+fn record_routes(subnet_file: &Path, routes: &[OwnedRoute]) -> Result<()> {
+    let records: Vec<RouteRecord> = routes.iter().map(RouteRecord::from).collect();
+    let text = serde_json::to_vec(&records).map_err(|e| CniError::internal(e.to_string()))?;
+    let path = sibling(subnet_file, "routes");
+    let modes = crate::atomic_file::Modes {
+        dir: 0o755,
+        file: 0o644,
+    };
+    crate::atomic_file::write(&path, &text, modes, false)
+        .map_err(|e| CniError::io(format!("writing {}", path.display()), e))
+}
+
+/// CHECK of a standalone node: every peer route its last sync programmed is in
+/// the kernel. Nothing to check on an agent's node (no record; weftd repairs its
+/// own entries every `--peers-resync`).
+pub fn check_routes(subnet_file: &Path) -> Result<()> {
+    let path = sibling(subnet_file, "routes");
+    let Ok(text) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let want: Vec<RouteRecord> = serde_json::from_slice(&text)
+        .map_err(|e| CniError::decode(format!("{}: {e}", path.display())))?;
+    let nl = Netlink::host()?;
+    let mut have = nl.owned_routes(true, ROUTE_PROTOCOL)?;
+    have.extend(nl.owned_routes(false, ROUTE_PROTOCOL)?);
+    let have: Vec<RouteRecord> = have.iter().map(RouteRecord::from).collect();
+    match want.iter().find(|r| !have.contains(r)) {
+        None => Ok(()),
+        Some(r) => Err(CniError::new(
+            code::CHECK_FAILED,
+            format!(
+                "the route to peer subnet {} via {} is missing (the next sync restores it)",
+                r.dst, r.gw
+            ),
+        )),
     }
 }
 

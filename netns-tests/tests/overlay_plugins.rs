@@ -29,6 +29,9 @@ use std::time::Duration;
 
 /// How long pods may take to reach each other once the entries are there.
 const REACH: Duration = Duration::from_secs(20);
+/// A published pod's port, and the host port it is published on.
+const CONTAINER_PORT: u16 = 8080;
+const HOST_PORT: u16 = 18080;
 /// `peerResync` in the tests: a standalone node syncs at most this often.
 const RESYNC: Duration = Duration::from_secs(2);
 /// The shipped conflists' network name (host-local keeps its reservations under it).
@@ -91,8 +94,22 @@ impl<'a> Runtime<'a> {
 
     /// ADD a new pod `id` on `eth0`: the pod, its attachment, or the error.
     fn try_add(&self, id: &str) -> (TestNetns, Attachment, Result<Value, DriverError>) {
+        self.try_add_publishing(id, None)
+    }
+
+    /// [`Self::try_add`], publishing `host_port` → the pod's [`CONTAINER_PORT`].
+    fn try_add_publishing(
+        &self,
+        id: &str,
+        host_port: Option<u16>,
+    ) -> (TestNetns, Attachment, Result<Value, DriverError>) {
         let ns = TestNetns::new();
-        let att = Attachment::new(id, &ns.path_str(), "eth0");
+        let mut att = Attachment::new(id, &ns.path_str(), "eth0");
+        if let Some(port) = host_port {
+            let maps =
+                json!([{"hostPort": port, "containerPort": CONTAINER_PORT, "protocol": "tcp"}]);
+            att.capability_args.insert("portMappings".into(), maps);
+        }
         let result = self.driver.add(&att);
         (ns, att, result)
     }
@@ -100,7 +117,17 @@ impl<'a> Runtime<'a> {
     /// ADD a new pod `id`; its address must be in `subnet` (default: the node's
     /// subnet per subnet.env, read after the ADD, which may have written it).
     fn add_pod_in(&self, id: &str, subnet: Option<&str>) -> (Pod, Attachment) {
-        let (ns, att, result) = self.try_add(id);
+        self.add_pod_with(id, subnet, None)
+    }
+
+    /// [`Self::add_pod_in`], publishing `host_port` when given.
+    fn add_pod_with(
+        &self,
+        id: &str,
+        subnet: Option<&str>,
+        host_port: Option<u16>,
+    ) -> (Pod, Attachment) {
+        let (ns, att, result) = self.try_add_publishing(id, host_port);
         let result = result.unwrap_or_else(|e| panic!("ADD {id} on {}: {e}", self.node.ip));
         let cidr = result["ips"][0]["address"]
             .as_str()
@@ -194,6 +221,17 @@ fn all_talk(pods: &[&Pod]) {
             transfer(b, a);
         }
     }
+}
+
+/// From `client` (a pod on another node) to `node`'s underlay address and
+/// `host_port`, published by `web`: 64 KiB over TCP arrive.
+fn host_port_reached(client: &Pod, node: &Node, host_port: u16, web: &Pod) {
+    let what = format!(
+        "TCP {} → hostPort {}:{host_port} ({})",
+        client.ip, node.ip, web.ip
+    );
+    let dst: SocketAddr = format!("{}:{host_port}", node.ip).parse().unwrap();
+    tcp_send(&what, &client.ns, dst, (&web.ns, CONTAINER_PORT), 64 * 1024);
 }
 
 /// Wait out a resync period, then STATUS on `rt`'s node: it syncs.
@@ -338,12 +376,14 @@ fn vxlan_overlay_standalone_nodes_next_to_a_weftd_node() {
     let (p2, a2) = rts[1].add_pod("pod-2");
     resync(&rts[2]);
     let (p3, a3) = rts[2].add_pod("pod-3");
-    let (p3b, a3b) = rts[2].add_pod("pod-3b");
+    let (p3b, a3b) = rts[2].add_pod_with("pod-3b", None, Some(HOST_PORT));
     for p in [&p1, &p2, &p3] {
         let link = p.ns.exec_json(&["ip", "-j", "link", "show", "dev", "eth0"]);
         assert_eq!(link[0]["mtu"], 1450, "pod {}: FLANNEL_MTU", p.ip);
     }
     all_talk(&[&p1, &p2, &p3, &p3b]);
+    host_port_reached(&p1, n3, HOST_PORT, &p3b);
+    host_port_reached(&p2, n3, HOST_PORT, &p3b);
 
     // CHECK passes on every node.
     for (rt, att) in [
@@ -422,8 +462,21 @@ fn host_gw_standalone_nodes_next_to_a_weftd_node() {
     let rts = [n1, n2, n3].map(|n| Runtime::shipped(n, "host-gw"));
     let (p1, a1) = rts[0].add_pod("pod-1");
     let (p3b, a3b) = rts[2].add_pod("pod-3b");
-    let (p2b, a2b) = rts[1].add_pod("pod-2b");
+    let (p2b, a2b) = rts[1].add_pod_with("pod-2b", None, Some(HOST_PORT));
     all_talk(&[&p1, &p2, &p3, &p3b, &p2b]);
+    host_port_reached(&p3, n2, HOST_PORT, &p2b);
+
+    // A peer route deleted by hand: CHECK names it, the next sync restores it.
+    let s3 = n3.leased_subnet();
+    n2.ns.exec_ok(&["ip", "route", "del", &s3]);
+    let (code, msg) = code_of("CHECK without the route", rts[1].driver.check(&a2));
+    assert_eq!(code, CHECK_FAILED, "{msg}");
+    assert!(msg.contains(&s3), "{msg}");
+    c.etcd_mut().start_again(0);
+    let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
+    let rts = [n1, n2, n3].map(|n| Runtime::shipped(n, "host-gw"));
+    resync(&rts[1]);
+    assert_eq!(n2.weft_routes(), host_gw_routes(&[n1, n3]), "repaired");
 
     for (rt, att) in [
         (&rts[0], &a1),
@@ -441,7 +494,6 @@ fn host_gw_standalone_nodes_next_to_a_weftd_node() {
     for n in [n2, n3] {
         assert!(n.subnet_env().is_some(), "{}", n.ip);
     }
-    c.etcd_mut().start_again(0);
     assert_eq!(c.leases().len(), 3, "{:?}", c.leases());
 }
 

@@ -32,7 +32,7 @@ pub trait NodeState {
     }
 
     /// CHECK: the node-level state behind the node's pods.
-    fn check(&self, _req: &Request, _node: &NodeSubnets) -> Result<()> {
+    fn check(&self, _req: &Request, _node: &NodeSubnets, _subnet_file: &Path) -> Result<()> {
         Ok(())
     }
 }
@@ -120,7 +120,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
         })?;
         let node = subnet_file::load(&fc.subnet_file())?;
         check_subnet_unchanged(&conf, &node)?;
-        self.0.check(req, &node)?;
+        self.0.check(req, &node, &fc.subnet_file())?;
         conf["cniVersion"] = req.version().into();
         if let Some(prev) = &req.conf.prev_result {
             conf["prevResult"] = prev.clone();

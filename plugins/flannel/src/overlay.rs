@@ -27,10 +27,11 @@ impl NodeState for OverlayNode {
         standalone::ensure_up(&conf, self.backend, subnet_file)
     }
 
-    /// vxlan: a VTEP holds the node subnet's `.0/32` (`::/128`), is up and has the
-    /// MTU subnet.env gives pods. host-gw needs nothing on the node beyond what the
-    /// bridge's CHECK covers.
-    fn check(&self, _req: &Request, node: &NodeSubnets) -> Result<()> {
+    /// The peer routes a standalone node's last sync programmed; for vxlan also
+    /// the VTEP: it holds the node subnet's `.0/32` (`::/128`), is up and has the
+    /// MTU subnet.env gives pods.
+    fn check(&self, _req: &Request, node: &NodeSubnets, subnet_file: &Path) -> Result<()> {
+        standalone::check_routes(subnet_file)?;
         if self.backend != "vxlan" {
             return Ok(());
         }
