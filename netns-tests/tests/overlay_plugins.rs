@@ -626,3 +626,29 @@ fn vxlan_overlay_pod_cidr_node_check_and_cleanup() {
     rt.del_all_and_gc(&[&att, &att_b]);
     assert!(n.has_link("flannel.1") && rt.subnet_file().exists());
 }
+
+/// Four first ADDs at once on a fresh standalone node: the node-wide lock lets one
+/// bring it up; every ADD succeeds and the node holds exactly one lease.
+#[test]
+fn parallel_first_adds_bring_the_node_up_once() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(1, VXLAN_CONFIG);
+    let n = c.node(1);
+    let rt = Runtime::shipped(n, "vxlan-overlay");
+    let pods: Vec<(Pod, Attachment)> = std::thread::scope(|s| {
+        let adds: Vec<_> = (0..4)
+            .map(|i| {
+                let rt = &rt;
+                s.spawn(move || rt.add_pod(&format!("pod-{i}")))
+            })
+            .collect();
+        adds.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(c.leases().len(), 1, "{:?}", c.leases());
+    let subnet = n.leased_subnet();
+    assert_eq!(n.subnet_env().unwrap(), want_subnet_env(&subnet, 1450));
+    let atts: Vec<&Attachment> = pods.iter().map(|(_, a)| a).collect();
+    rt.del_all_and_gc(&atts);
+}
