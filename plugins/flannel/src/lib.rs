@@ -63,7 +63,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
         let bytes = to_bytes(&fc.delegate_conf(req, &node)?);
         let dir = fc.data_dir();
         scratch::save(&dir, &req.env.container_id, &req.env.ifname, &bytes)?;
-        let delegate = find(req, &bytes, &bytes)?;
+        let delegate = find(req, &bytes)?;
         delegate.add(req.version()).map_err(|e| {
             roll_back(req, &delegate, &dir);
             e.context("failed to delegate add")
@@ -91,7 +91,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
                 }
             },
         };
-        find(req, &bytes, &bytes)?.run(Command::Del)?;
+        find(req, &bytes)?.run(Command::Del)?;
         if saved.owned {
             scratch::remove(&saved.path)?;
         }
@@ -126,7 +126,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
             conf["prevResult"] = prev.clone();
         }
         let bytes = to_bytes(&conf);
-        find(req, &bytes, &bytes)?.run(Command::Check)
+        find(req, &bytes)?.run(Command::Check)
     }
 
     /// The delegate's GC with today's config, then the saved files of attachments the
@@ -150,7 +150,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
             conf["cni.dev/valid-attachments"] =
                 serde_json::to_value(&valid).map_err(|e| CniError::internal(e.to_string()))?;
             let bytes = to_bytes(&conf);
-            find(req, &bytes, &bytes)?.run(Command::Gc)?;
+            find(req, &bytes)?.run(Command::Gc)?;
         }
         for (path, cid, ifname) in saved {
             let live = valid
@@ -173,7 +173,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
             .map_err(unavailable)?;
         let node = subnet_file::load(&fc.subnet_file()).map_err(unavailable)?;
         let bytes = to_bytes(&fc.delegate_conf(req, &node)?);
-        find(req, &bytes, &bytes)?.run(Command::Status)
+        find(req, &bytes)?.run(Command::Status)
     }
 }
 
@@ -181,10 +181,11 @@ fn to_bytes(conf: &Value) -> Vec<u8> {
     serde_json::to_vec(conf).expect("a JSON value serialises")
 }
 
-/// The delegate named by `conf`'s type; weft's own bridge runs in-process.
-fn find<'a>(req: &'a Request, conf: &[u8], stdin: &'a [u8]) -> Result<Delegate<'a>> {
+/// The delegate named by the type of `conf`, to be run with it on stdin; weft's
+/// own bridge runs in-process.
+fn find<'a>(req: &'a Request, conf: &'a [u8]) -> Result<Delegate<'a>> {
     let plugin = delegate_type(conf).unwrap_or_else(|| "bridge".into());
-    Delegate::find_linked(&plugin, &req.env, stdin, &[bridge::LINKED])
+    Delegate::find_linked(&plugin, &req.env, conf, &[bridge::LINKED])
 }
 
 /// The `type` of a saved config; `None` when it is not a JSON object with one.
