@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 CNI_BIN_DIR=${CNI_BIN_DIR:-/opt/cni/bin}
 STATE_DIR=${WEFT_STATE_DIR:-/var/lib/weft}
 MANIFEST=$STATE_DIR/install-manifest
-PLUGINS=(bridge host-local portmap)
+PLUGINS=(bridge host-local portmap flannel vxlan-overlay host-gw)
 FORCE=0 DEPS=1 ACTION=install
 
 die() { echo "install.sh: $*" >&2; exit 1; }
