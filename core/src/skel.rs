@@ -256,10 +256,62 @@ pub trait Plugin {
 pub struct About {
     pub name: &'static str,
     pub version: &'static str,
+    /// The manual `--help` prints (NAME, SYNOPSIS, CONFIGURATION, …).
+    pub help: &'static str,
+}
+
+/// The environment and exit-status sections every plugin shares.
+const COMMON_HELP: &str = include_str!("skel/common_help.txt");
+
+/// A plugin's `help` with [`COMMON_HELP`] before its FILES, EXAMPLES or SEE ALSO
+/// (whichever comes first), else at the end.
+fn manual(help: &str) -> String {
+    let at = ["\nFILES\n", "\nEXAMPLES\n", "\nSEE ALSO\n"]
+        .iter()
+        .filter_map(|s| help.find(s))
+        .min()
+        .map_or(help.len(), |i| i + 1);
+    format!("{}{COMMON_HELP}\n{}", &help[..at], &help[at..])
+}
+
+/// What the binary does with command-line arguments (runtimes pass none):
+/// `--help`/`-h` and `--version`/`-V` print to stdout and exit 0; anything else is a
+/// usage error (2). `None`: no arguments, run as a plugin.
+pub fn command_line(about: &About, args: &[String]) -> Option<(String, i32)> {
+    let first = args.first()?;
+    Some(match first.as_str() {
+        "--help" | "-h" => (manual(about.help), 0),
+        "--version" | "-V" => (
+            format!(
+                "{} {} (weft)\nCNI protocol versions supported: {}\n",
+                about.name,
+                about.version,
+                version::SUPPORTED.join(", ")
+            ),
+            0,
+        ),
+        other => (
+            format!(
+                "{}: unexpected argument {other:?}: a CNI plugin is configured through CNI_* \
+                 variables and a JSON config on stdin (see --help)\n",
+                about.name
+            ),
+            2,
+        ),
+    })
 }
 
 /// Run the plugin as a process: real env, stdin, stdout; exits with the CNI status.
 pub fn main<P: Plugin>(about: About, plugin: P) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some((text, status)) = command_line(&about, &args) {
+        if status == 0 {
+            print!("{text}");
+        } else {
+            eprint!("{text}");
+        }
+        std::process::exit(status);
+    }
     crate::log::init_from_env(about.name);
     install_panic_hook();
     let var = |k: &str| std::env::var(k).ok();

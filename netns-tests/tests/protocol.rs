@@ -397,3 +397,59 @@ fn ipam_ignores_what_cni_netns_names() {
         );
     }
 }
+
+/// Every binary answers `--help` (a manual: NAME, SYNOPSIS, CONFIGURATION,
+/// ENVIRONMENT, EXIT STATUS for the plugins) and `--version` on stdout with exit 0;
+/// a plugin given any other argument exits 2 pointing at `--help`.
+#[test]
+fn p00_help_and_version_on_every_binary() {
+    let plugins = [
+        "bridge",
+        "host-local",
+        "portmap",
+        "flannel",
+        "vxlan-overlay",
+        "host-gw",
+    ];
+    let run = |name: &str, arg: &str| {
+        let out = std::process::Command::new(netns_tests::plugin_path(name))
+            .arg(arg)
+            .env_remove("CNI_COMMAND")
+            .output()
+            .unwrap_or_else(|e| panic!("running {name} {arg}: {e}"));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    for name in plugins {
+        let (code, help, _) = run(name, "--help");
+        assert_eq!(code, Some(0), "{name} --help");
+        assert!(
+            help.starts_with(&format!("NAME\n    {name} - ")),
+            "{name}: {help}"
+        );
+        for section in [
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "CONFIGURATION",
+            "ENVIRONMENT",
+            "EXIT STATUS",
+        ] {
+            assert!(
+                help.contains(&format!("\n{section}")),
+                "{name} --help lacks {section}"
+            );
+        }
+        let (code, version, _) = run(name, "--version");
+        assert_eq!(code, Some(0), "{name} --version");
+        let want = format!("{name} {} (weft)\n", env!("CARGO_PKG_VERSION"));
+        assert!(version.starts_with(&want), "{name}: {version}");
+        let (code, out, err) = run(name, "--bogus");
+        assert_eq!((code, out.as_str()), (Some(2), ""), "{name} --bogus");
+        assert!(err.contains("see --help"), "{name}: {err}");
+    }
+    for arg in ["--help", "--version"] {
+        let (code, out, _) = run("weftd", arg);
+        assert_eq!(code, Some(0), "weftd {arg}");
+        assert!(!out.is_empty(), "weftd {arg} printed nothing");
+    }
+}

@@ -55,6 +55,7 @@ impl Plugin for Probe {
 const ABOUT: About = About {
     name: "probe",
     version: "test",
+    help: "NAME\n    probe - a test plugin\n\nSEE ALSO\n    nothing\n",
 };
 const CONF: &str = r#"{"cniVersion":"1.1.0","name":"net1","type":"probe"}"#;
 
@@ -458,4 +459,30 @@ fn panic_hook_prints_a_cni_error() {
     assert!(stdout.contains("\"code\": 999"), "{stdout}");
     assert!(stdout.contains("\"msg\": \"plugin panicked: "), "{stdout}");
     assert!(stdout.contains("boom"), "{stdout}");
+}
+
+#[test]
+fn command_line_help_version_and_usage_errors() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(command_line(&ABOUT, &[]), None);
+    let (help, code) = command_line(&ABOUT, &args(&["--help"])).unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        help.starts_with("NAME\n    probe - a test plugin\n"),
+        "{help}"
+    );
+    let env = help.find("\nENVIRONMENT\n").expect("the common sections");
+    assert!(env < help.find("\nSEE ALSO\n").unwrap(), "{help}");
+    let (text, code) = command_line(&ABOUT, &args(&["-V"])).unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        text.starts_with("probe test (weft)\nCNI protocol versions supported: 0.1.0"),
+        "{text}"
+    );
+    let (text, code) = command_line(&ABOUT, &args(&["add"])).unwrap();
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("unexpected argument \"add\"") && text.contains("--help"),
+        "{text}"
+    );
 }

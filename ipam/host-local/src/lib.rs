@@ -21,6 +21,7 @@ use weft_core::spec::{CniResult, IpConfig};
 pub const ABOUT: About = About {
     name: "host-local",
     version: env!("CARGO_PKG_VERSION"),
+    help: include_str!("help.txt"),
 };
 
 /// The identity the `host-local` binary carries (see [`weft_core::ident`]).

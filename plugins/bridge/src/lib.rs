@@ -17,6 +17,7 @@ use weft_core::spec::CniResult;
 pub const ABOUT: About = About {
     name: "bridge",
     version: env!("CARGO_PKG_VERSION"),
+    help: include_str!("help.txt"),
 };
 
 /// The identity the `bridge` binary carries (see [`weft_core::ident`]).

@@ -8,6 +8,7 @@ fn main() {
         weft_core::skel::About {
             name: "flannel",
             version: env!("CARGO_PKG_VERSION"),
+            help: include_str!("help.txt"),
         },
         SubnetMeta(Flannel),
     )

@@ -15,6 +15,7 @@ fn main() {
         weft_core::skel::About {
             name: "host-gw",
             version: env!("CARGO_PKG_VERSION"),
+            help: include_str!("help.txt"),
         },
         SubnetMeta(OverlayNode {
             backend: "host-gw",

@@ -49,6 +49,7 @@ fn main() {
         About {
             name: "portmap",
             version: env!("CARGO_PKG_VERSION"),
+            help: include_str!("help.txt"),
         },
         PortMap,
     )
