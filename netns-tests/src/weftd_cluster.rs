@@ -1,7 +1,8 @@
 //! A small cluster of weftd nodes for end-to-end tests: real weftd binaries in node
 //! namespaces, leasing from a real etcd in an "underlay" namespace, and pods
 //! attached to the nodes with the real `bridge` + `host-local` plugins the way
-//! flannel's CNI plugin does it (from subnet.env).
+//! flannel's CNI plugin does it (from subnet.env), or through the stock
+//! kube-flannel conflist and the conflist driver ([`FlannelRuntime`]).
 //!
 //! Topology: etcd listens on 10.77.0.100 in the underlay netns; node `i` (1-based)
 //! is a netns whose `eth0` (10.77.0.i/24, MTU 1500) is a veth into the underlay,
@@ -17,6 +18,7 @@
 //! nothing behind. weftd and etcd die with the thread that started them, so start
 //! (and restart) them on the test's own thread.
 
+use crate::driver::{Attachment, Driver};
 use crate::etcd::{EtcdCluster, EtcdOptions};
 use crate::kube_api::{DEFAULT_TOKEN, FakeApiOptions, FakeApiServer};
 use crate::{Invocation, TempDir, TestNetns, bin_dir, die_with_thread, inside, netns_command};
@@ -521,6 +523,105 @@ impl Pod {
             .exec(&["ping", "-6", "-c", "1", "-W", "2", ip])
             .status
             .success()
+    }
+}
+
+/// How long pods may take to reach each other once weftd is ready.
+pub const REACH: Duration = Duration::from_secs(20);
+
+/// Wait (up to [`REACH`]) until `from` pings `to`.
+pub fn wait_ping(from: &Pod, to: &Pod) {
+    let what = format!(
+        "{} (on {}) to ping {} (on {})",
+        from.ip, from.node, to.ip, to.node
+    );
+    wait_for(&what, REACH, || from.ping(&to.ip).then_some(()));
+}
+
+// --- pods through the stock flannel conflist ----------------------------------------
+
+/// The stock conflist's network name (host-local keeps its reservations under it).
+pub const FLANNEL_NET: &str = "cbr0";
+
+/// The pod runtime of one node: the stock kube-flannel conflist
+/// (`conf-examples/10-flannel.conflist`: flannel + portmap) through the conflist
+/// [`Driver`], its plugins run in the node's netns, every file of theirs
+/// (subnet.env, saved configs, addresses, mappings, cached results) in the node's
+/// dir: nothing touches /run/flannel or /var/lib/cni.
+pub struct FlannelRuntime<'a> {
+    pub node: &'a Node,
+    pub driver: Driver,
+}
+
+impl<'a> FlannelRuntime<'a> {
+    /// kube-flannel's conflist as shipped (cniVersion 0.3.1).
+    pub fn stock(node: &'a Node) -> Self {
+        FlannelRuntime::at(node, "0.3.1")
+    }
+
+    /// The shipped conflist declaring `version`, with every file of its plugins in
+    /// the node's dir.
+    pub fn at(node: &'a Node, version: &str) -> Self {
+        let path = crate::workspace_root().join("conf-examples/10-flannel.conflist");
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let mut conflist: Value = serde_json::from_slice(&bytes).expect("a JSON conflist");
+        assert_eq!(conflist["name"], FLANNEL_NET);
+        conflist["cniVersion"] = version.into();
+        let flannel = &mut conflist["plugins"][0];
+        flannel["subnetFile"] = json!(node.subnet_file());
+        flannel["dataDir"] = json!(node.dir.join("flannel"));
+        flannel["ipam"] = json!({"dataDir": node.dir.join("ipam")});
+        conflist["plugins"][1]["dataDir"] = json!(node.dir.join("portmap"));
+        let driver = Driver::from_json(&conflist, vec![bin_dir()], node.dir.join("cache"))
+            .expect("the conflist loads")
+            .in_netns(node.ns.path());
+        FlannelRuntime { node, driver }
+    }
+
+    /// ADD a new pod `id` (on `eth0`), with `port_mappings` offered when given.
+    pub fn add_pod(&self, id: &str, port_mappings: Option<Value>) -> (Pod, Attachment) {
+        let ns = TestNetns::new();
+        let mut att = Attachment::new(id, &ns.path_str(), "eth0");
+        if let Some(maps) = port_mappings {
+            att.capability_args.insert("portMappings".into(), maps);
+        }
+        let result = self
+            .driver
+            .add(&att)
+            .unwrap_or_else(|e| panic!("ADD {id} on {}: {e}", self.node.ip));
+        let cidr = result["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address in {result}"));
+        let addr: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 CIDR");
+        let subnet: ipnet::Ipv4Net = self.node.leased_subnet().parse().unwrap();
+        assert!(
+            subnet.contains(&addr.addr()),
+            "{id}: {cidr} not in {subnet}"
+        );
+        let pod = Pod {
+            ns,
+            ip: addr.addr().to_string(),
+            ip6: None,
+            node: self.node.ip.clone(),
+        };
+        (pod, att)
+    }
+
+    /// The flannel plugin's saved delegate config of container `id`.
+    pub fn scratch(&self, id: &str) -> Value {
+        let path = self.node.dir.join("flannel").join(id);
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        serde_json::from_slice(&bytes).expect("a JSON delegate config")
+    }
+
+    /// Whatever the plugins and the driver keep of any attachment on this node,
+    /// one line each: ports on cni0, host-local reservations, flannel scratch files,
+    /// portmap elements and records, cached results.
+    pub fn leftovers(&self) -> Vec<String> {
+        let root = self.node.dir.path();
+        attachment_leftovers(self.node, root, FLANNEL_NET, "flannel", &self.driver)
     }
 }
 

@@ -10,20 +10,16 @@
 //! dataDir, host-local's dataDir through `ipam.dataDir`, portmap's dataDir, the
 //! driver's result cache); nothing touches /var/lib/cni.
 
-use netns_tests::driver::{Attachment, Driver};
 use netns_tests::weftd_cluster::{
-    Cluster, NETWORK, Node, Pod, READY_TIMEOUT, SUBNETS, VXLAN_CONFIG, Weftd, attachment_leftovers,
-    first_host, lease_key, lease_value, metric, network_addr, tcp_send, tcp_transfer, wait_for,
+    Cluster, FLANNEL_NET, FlannelRuntime, NETWORK, Node, Pod, REACH, READY_TIMEOUT, SUBNETS,
+    VXLAN_CONFIG, Weftd, first_host, lease_key, lease_value, metric, network_addr, tcp_send,
+    tcp_transfer, wait_for, wait_ping,
 };
-use netns_tests::{TestNetns, bin_dir, exec_line, require_root};
+use netns_tests::{exec_line, require_root};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// How long pods may take to reach each other once weftd is ready.
-const REACH: Duration = Duration::from_secs(20);
-/// The stock conflist's network name (host-local keeps its reservations under it).
-const NET: &str = "cbr0";
 /// The published port of the hostPort test, and the pod's.
 const HOST_PORT: u16 = 18080;
 const CONTAINER_PORT: u16 = 8080;
@@ -39,93 +35,6 @@ fn start_weftds(nodes: &[&Node]) -> Vec<Weftd> {
         .iter()
         .map(|n| n.ready_weftd(&["--ip-masq", "--peers-resync", "1"]))
         .collect()
-}
-
-/// The pod runtime of one node: the stock kube-flannel conflist at `cniVersion`,
-/// its plugins run in the node's netns, every file of theirs in the node's dir.
-struct Runtime<'a> {
-    node: &'a Node,
-    driver: Driver,
-}
-
-impl<'a> Runtime<'a> {
-    /// kube-flannel's conflist as shipped (`conf-examples/10-flannel.conflist`,
-    /// cniVersion 0.3.1).
-    fn stock(node: &'a Node) -> Self {
-        Runtime::at(node, "0.3.1")
-    }
-
-    /// The shipped conflist declaring `version`, with every file of its plugins
-    /// (subnet.env, saved configs, addresses, mappings) in the node's dir.
-    fn at(node: &'a Node, version: &str) -> Self {
-        let path = netns_tests::workspace_root().join("conf-examples/10-flannel.conflist");
-        let mut conflist: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        assert_eq!(conflist["name"], NET);
-        conflist["cniVersion"] = version.into();
-        let flannel = &mut conflist["plugins"][0];
-        flannel["subnetFile"] = json!(node.subnet_file());
-        flannel["dataDir"] = json!(node.dir.join("flannel"));
-        flannel["ipam"] = json!({"dataDir": node.dir.join("ipam")});
-        conflist["plugins"][1]["dataDir"] = json!(node.dir.join("portmap"));
-        let driver = Driver::from_json(&conflist, vec![bin_dir()], node.dir.join("cache"))
-            .expect("the conflist loads")
-            .in_netns(node.ns.path());
-        Runtime { node, driver }
-    }
-
-    /// ADD a new pod `id` (on `eth0`), with `port_mappings` offered when given.
-    fn add_pod(&self, id: &str, port_mappings: Option<Value>) -> (Pod, Attachment) {
-        let ns = TestNetns::new();
-        let mut att = Attachment::new(id, &ns.path_str(), "eth0");
-        if let Some(maps) = port_mappings {
-            att.capability_args.insert("portMappings".into(), maps);
-        }
-        let result = self
-            .driver
-            .add(&att)
-            .unwrap_or_else(|e| panic!("ADD {id} on {}: {e}", self.node.ip));
-        let cidr = result["ips"][0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no address in {result}"));
-        let addr: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 CIDR");
-        let subnet: ipnet::Ipv4Net = self.node.leased_subnet().parse().unwrap();
-        assert!(
-            subnet.contains(&addr.addr()),
-            "{id}: {cidr} not in {subnet}"
-        );
-        let pod = Pod {
-            ns,
-            ip: addr.addr().to_string(),
-            ip6: None,
-            node: self.node.ip.clone(),
-        };
-        (pod, att)
-    }
-
-    /// The flannel plugin's saved delegate config of container `id`.
-    fn scratch(&self, id: &str) -> Value {
-        let path = self.node.dir.join("flannel").join(id);
-        let bytes =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        serde_json::from_slice(&bytes).expect("a JSON delegate config")
-    }
-
-    /// Whatever the plugins and the driver keep of any attachment on this node,
-    /// one line each: ports on cni0, host-local reservations, flannel scratch files,
-    /// portmap elements and records, cached results.
-    fn leftovers(&self) -> Vec<String> {
-        let root = self.node.dir.path();
-        attachment_leftovers(self.node, root, NET, "flannel", &self.driver)
-    }
-}
-
-/// Wait until `from` pings `to`.
-fn wait_ping(from: &Pod, to: &Pod) {
-    let what = format!(
-        "{} (on {}) to ping {} (on {})",
-        from.ip, from.node, to.ip, to.node
-    );
-    wait_for(&what, REACH, || from.ping(&to.ip).then_some(()));
 }
 
 /// Every pod pings every pod on another node, then sends it `len` bytes over TCP.
@@ -242,7 +151,7 @@ fn stock_flannel_conflist_over_weftd_on_three_nodes() {
     for n in &nodes {
         n.wait_metric("weft_peers", "2", READY_TIMEOUT);
     }
-    let runtimes: Vec<Runtime> = nodes.iter().map(|n| Runtime::stock(n)).collect();
+    let runtimes: Vec<FlannelRuntime> = nodes.iter().map(|n| FlannelRuntime::stock(n)).collect();
 
     // node 1: a web pod publishing a hostPort, and a plain one; one pod each on
     // nodes 2 and 3, and a pod on node 3 the runtime forgets (GC's work).
@@ -271,7 +180,7 @@ fn stock_flannel_conflist_over_weftd_on_three_nodes() {
         "isDefaultGateway": true,
         "isGateway": true,
         "mtu": 1450,
-        "name": NET,
+        "name": FLANNEL_NET,
         "type": "bridge",
     });
     assert_eq!(saved, want, "flannel's delegate config");
@@ -299,7 +208,7 @@ fn stock_flannel_conflist_over_weftd_on_three_nodes() {
         "{err}"
     );
     for &(i, att) in &attachments {
-        Runtime::at(nodes[i], "1.1.0")
+        FlannelRuntime::at(nodes[i], "1.1.0")
             .driver
             .check(att)
             .unwrap_or_else(|e| panic!("CHECK {} on node {}: {e}", att.container_id, i + 1));
@@ -322,7 +231,7 @@ fn stock_flannel_conflist_over_weftd_on_three_nodes() {
         rt.driver
             .gc::<&str>(&[])
             .unwrap_or_else(|e| panic!("GC on node {}: {e}", i + 1));
-        Runtime::at(nodes[i], "1.1.0")
+        FlannelRuntime::at(nodes[i], "1.1.0")
             .driver
             .gc::<&str>(&[])
             .unwrap_or_else(|e| panic!("GC (1.1.0) on node {}: {e}", i + 1));
@@ -375,7 +284,7 @@ fn weftd_node_and_golden_flanneld_node_exchange_pod_traffic() {
     let golden_routes = n2.lines(&["ip", "route", "show", "dev", "flannel.1"]);
     eprintln!("golden node's flannel.1 routes: {golden_routes:?}");
 
-    let (r1, r2) = (Runtime::stock(n1), Runtime::stock(n2));
+    let (r1, r2) = (FlannelRuntime::stock(n1), FlannelRuntime::stock(n2));
     let (a, att_a) = r1.add_pod("pod-a", None);
     let (b, att_b) = r2.add_pod("pod-b", None);
     cross_node_traffic(&[&a, &b], 1 << 20);
