@@ -41,6 +41,16 @@ pub use tempdir::TempDir;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Every CNI plugin binary weft builds.
+pub const PLUGINS: [&str; 6] = [
+    "bridge",
+    "host-local",
+    "portmap",
+    "flannel",
+    "vxlan-overlay",
+    "host-gw",
+];
+
 /// Join two namespaces with a veth pair: `(ifname, address/prefix)` on each side,
 /// both ends up. A multi-node or outside-world test is built from these.
 pub fn join(a: &TestNetns, a_side: (&str, &str), b: &TestNetns, b_side: (&str, &str)) {

@@ -509,6 +509,23 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The IPv4 pod an ADD `result` describes, in `ns` on `node`; its address must
+    /// be in `subnet`.
+    pub fn from_result(ns: TestNetns, result: &Value, node: &Node, subnet: &str) -> Pod {
+        let cidr = result["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address in {result}"));
+        let addr: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 CIDR");
+        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
+        assert!(subnet.contains(&addr.addr()), "{cidr} not in {subnet}");
+        Pod {
+            ns,
+            ip: addr.addr().to_string(),
+            ip6: None,
+            node: node.ip.clone(),
+        }
+    }
+
     /// One ping (2 s wait) to `ip`.
     pub fn ping(&self, ip: &str) -> bool {
         self.ns
@@ -590,21 +607,7 @@ impl<'a> FlannelRuntime<'a> {
             .driver
             .add(&att)
             .unwrap_or_else(|e| panic!("ADD {id} on {}: {e}", self.node.ip));
-        let cidr = result["ips"][0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no address in {result}"));
-        let addr: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 CIDR");
-        let subnet: ipnet::Ipv4Net = self.node.leased_subnet().parse().unwrap();
-        assert!(
-            subnet.contains(&addr.addr()),
-            "{id}: {cidr} not in {subnet}"
-        );
-        let pod = Pod {
-            ns,
-            ip: addr.addr().to_string(),
-            ip6: None,
-            node: self.node.ip.clone(),
-        };
+        let pod = Pod::from_result(ns, &result, self.node, &self.node.leased_subnet());
         (pod, att)
     }
 

@@ -9,21 +9,13 @@
 //! for a test process: build scripts watch some of them (ring's `CARGO_PKG_NAME`),
 //! and a different value there would rebuild and relink everything, for minutes.
 
-use netns_tests::{TempDir, workspace_root};
+use netns_tests::{PLUGINS, TempDir, workspace_root};
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const PLUGINS: [&str; 6] = [
-    "bridge",
-    "host-local",
-    "portmap",
-    "flannel",
-    "vxlan-overlay",
-    "host-gw",
-];
 const CONFLIST: &str = "10-flannel.conflist";
 
 /// What a snapshot knows about one path: its kind, permission bits, and for a file

@@ -129,23 +129,8 @@ impl<'a> Runtime<'a> {
     ) -> (Pod, Attachment) {
         let (ns, att, result) = self.try_add_publishing(id, host_port);
         let result = result.unwrap_or_else(|e| panic!("ADD {id} on {}: {e}", self.node.ip));
-        let cidr = result["ips"][0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no address in {result}"));
-        let addr: ipnet::Ipv4Net = cidr.parse().expect("an IPv4 CIDR");
         let subnet = subnet.map_or_else(|| self.node.leased_subnet(), str::to_string);
-        let subnet: ipnet::Ipv4Net = subnet.parse().unwrap();
-        assert!(
-            subnet.contains(&addr.addr()),
-            "{id}: {cidr} not in {subnet}"
-        );
-        let pod = Pod {
-            ns,
-            ip: addr.addr().to_string(),
-            ip6: None,
-            node: self.node.ip.clone(),
-        };
-        (pod, att)
+        (Pod::from_result(ns, &result, self.node, &subnet), att)
     }
 
     fn add_pod(&self, id: &str) -> (Pod, Attachment) {

@@ -403,14 +403,6 @@ fn ipam_ignores_what_cni_netns_names() {
 /// a plugin given any other argument exits 2 pointing at `--help`.
 #[test]
 fn p00_help_and_version_on_every_binary() {
-    let plugins = [
-        "bridge",
-        "host-local",
-        "portmap",
-        "flannel",
-        "vxlan-overlay",
-        "host-gw",
-    ];
     let run = |name: &str, arg: &str| {
         let out = std::process::Command::new(netns_tests::plugin_path(name))
             .arg(arg)
@@ -420,7 +412,7 @@ fn p00_help_and_version_on_every_binary() {
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status.code(), text(&out.stdout), text(&out.stderr))
     };
-    for name in plugins {
+    for name in netns_tests::PLUGINS {
         let (code, help, _) = run(name, "--help");
         assert_eq!(code, Some(0), "{name} --help");
         assert!(
