@@ -7,9 +7,9 @@
 //! except one per `peerResync` period, which syncs again and so picks up peers
 //! that came up later.
 //!
-//! The cluster tests run weftd on node 1 (the plugin there finds weftd's
+//! Two cluster tests run weftd on node 1 (the plugin there finds weftd's
 //! subnet.env and delegates only) and bring nodes 2 and 3 up standalone, in that
-//! order: node 2 learns node 3 at its next sync.
+//! order: node 2 learns node 3 at its next sync. A third runs no agent at all.
 //!
 //! Every file a plugin writes lives in the node's temp dir (subnet.env, the
 //! plugin's dataDir, host-local's dataDir, portmap's dataDir, the driver's cache);
@@ -286,6 +286,42 @@ fn weftd_on(node: &Node) -> Weftd {
 }
 
 // --- tests ------------------------------------------------------------------------
+
+/// Three standalone vxlan-overlay nodes and no agent at all: each first ADD
+/// brings its node up knowing the nodes before it; one sync per node after a
+/// resync period completes the mesh, and every pod reaches every other.
+#[test]
+fn three_standalone_vxlan_overlay_nodes_mesh_after_a_sync() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(3, VXLAN_CONFIG);
+    let nodes = [c.node(1), c.node(2), c.node(3)];
+    let rts = nodes.map(|n| Runtime::shipped(n, "vxlan-overlay"));
+    let pods: Vec<(Pod, Attachment)> = rts
+        .iter()
+        .enumerate()
+        .map(|(i, rt)| rt.add_pod(&format!("pod-{i}")))
+        .collect();
+    assert_eq!(
+        nodes[0].weft_routes(),
+        Vec::<String>::new(),
+        "node 1 came up first"
+    );
+    for rt in &rts {
+        resync(rt);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let others: Vec<&Node> = nodes.iter().copied().filter(|o| o.ip != n.ip).collect();
+        assert_eq!(n.weft_routes(), vxlan_routes(&others), "node {}", i + 1);
+    }
+    let all: Vec<&Pod> = pods.iter().map(|(p, _)| p).collect();
+    all_talk(&all);
+    for (rt, (_, att)) in rts.iter().zip(&pods) {
+        rt.del_all_and_gc(&[att]);
+    }
+    assert_eq!(c.leases().len(), 3, "{:?}", c.leases());
+}
 
 /// vxlan-overlay standalone on nodes 2 and 3 (brought up by STATUS, in order),
 /// weftd on node 1; pods on all three through the shipped conflist.
