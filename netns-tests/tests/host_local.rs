@@ -970,13 +970,20 @@ fn go_zero_values_are_accepted() {
 #[test]
 fn empty_data_dir_means_the_default() {
     let Some(f) = Fixture::new() else { return };
-    struct Cleanup(PathBuf);
+    /// The network's state dir, and the default dir's parents this test creates
+    /// (deepest first): all removed again, so the host is left as found.
+    struct Cleanup(PathBuf, Vec<&'static Path>);
     impl Drop for Cleanup {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
+            for dir in &self.1 {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
-    let state = Cleanup(Path::new("/var/lib/cni/networks").join(&f.name));
+    let parents = ["/var/lib/cni/networks", "/var/lib/cni"].map(Path::new);
+    let created = parents.into_iter().filter(|d| !d.exists()).collect();
+    let state = Cleanup(Path::new("/var/lib/cni/networks").join(&f.name), created);
     let conf = json!({"cniVersion": "1.0.0", "name": f.name,
         "ipam": {"type": "host-local", "dataDir": "", "subnet": "10.71.0.0/24"}});
     f.add_ip("c1", &conf);
