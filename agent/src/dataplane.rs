@@ -77,9 +77,9 @@ impl Programmer {
         let this = self.clone();
         let started = Instant::now();
         let done = tokio::task::spawn_blocking(move || {
-            let entries = this.plane.desired(&peers).len();
-            let (writes, failed) = this.plane.converge(&this.nl, &peers)?;
-            Ok::<_, weft_core::CniError>((writes, entries, failed))
+            let desired = this.plane.desired(&peers);
+            let (writes, failed) = this.plane.converge(&this.nl, &desired)?;
+            Ok::<_, weft_core::CniError>((writes, desired.len(), failed))
         })
         .await;
         match done {

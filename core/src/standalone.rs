@@ -364,12 +364,13 @@ impl Up<'_> {
             }
         };
         let peers: Vec<_> = peers.into_iter().filter(|p| p.key != lease.key).collect();
-        let (_, failed) = self.plane.converge(self.nl, &peers)?;
+        let desired = self.plane.desired(&peers);
+        let (_, failed) = self.plane.converge(self.nl, &desired)?;
         if let Some((op, e)) = failed.first() {
             return Err(CniError::internal(format!("programming {op}: {}", e.msg)));
         }
-        let routes = self.plane.desired(&peers).routes.into_values();
-        record_routes(subnet_file, &routes.collect::<Vec<_>>())?;
+        let routes: Vec<OwnedRoute> = desired.routes.into_values().collect();
+        record_routes(subnet_file, &routes)?;
         self.masquerade(&lease.key)?;
         let mtu = self.plane.kind().pod_mtu(self.ext.mtu);
         SubnetEnv::for_lease(self.config, &lease.key, mtu, self.ip_masq)

@@ -251,15 +251,14 @@ impl DataPlane {
         all
     }
 
-    /// Make the kernel hold exactly what `peers` need. Returns the number of writes
-    /// planned and the ones that failed.
+    /// Make the kernel hold exactly `desired` (see [`DataPlane::desired`]). Returns
+    /// the number of writes planned and the ones that failed.
     pub fn converge(
         &self,
         nl: &Netlink,
-        peers: &[Lease],
+        desired: &PeerState,
     ) -> Result<(usize, Vec<(NetOp, CniError)>)> {
-        let desired = self.desired(peers);
-        let plan = plan(&desired, &self.actual(nl)?);
+        let plan = plan(desired, &self.actual(nl)?);
         Ok((plan.len(), self.apply(nl, &plan)))
     }
 
