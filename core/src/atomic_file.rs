@@ -51,6 +51,14 @@ pub fn write(path: &Path, bytes: &[u8], modes: Modes, sync: bool) -> std::io::Re
     result
 }
 
+/// Remove a file written by [`write`]; one that is already gone is fine.
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,10 +26,13 @@ pub struct FlannelConf {
 }
 
 impl FlannelConf {
-    /// The conf of `req`, saved configs under `default_data_dir` unless `dataDir`
-    /// names another directory.
+    /// The conf of `req`: subnet.env at its default path and saved configs under
+    /// `default_data_dir` unless the conf names others.
     pub fn load(req: &Request, default_data_dir: &'static str) -> Result<FlannelConf> {
         let mut fc: FlannelConf = req.parse_conf()?;
+        if fc.subnet_file.is_empty() {
+            fc.subnet_file = DEFAULT_SUBNET_FILE.into();
+        }
         if fc.data_dir.is_empty() {
             fc.data_dir = default_data_dir.into();
         }
@@ -37,7 +40,7 @@ impl FlannelConf {
     }
 
     pub fn subnet_file(&self) -> PathBuf {
-        PathBuf::from(or_default(&self.subnet_file, DEFAULT_SUBNET_FILE))
+        PathBuf::from(&self.subnet_file)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -86,10 +89,6 @@ impl FlannelConf {
         ipam.insert("routes".into(), routes.into());
         Ok(ipam)
     }
-}
-
-fn or_default<'a>(value: &'a str, default: &'a str) -> &'a str {
-    if value.is_empty() { default } else { value }
 }
 
 /// flannel's rules for the `delegate` dictionary, with its messages.

@@ -61,11 +61,15 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
         self.0.ensure_up(req, &fc.subnet_file())?;
         let node = subnet_file::load(&fc.subnet_file())?;
         let bytes = to_bytes(&fc.delegate_conf(req, &node)?);
-        let dir = fc.data_dir();
-        scratch::save(&dir, &req.env.container_id, &req.env.ifname, &bytes)?;
+        let saved = scratch::save(
+            &fc.data_dir(),
+            &req.env.container_id,
+            &req.env.ifname,
+            &bytes,
+        )?;
         let delegate = find(req, &bytes)?;
         delegate.add(req.version()).map_err(|e| {
-            roll_back(req, &delegate, &dir);
+            roll_back(&delegate, &saved);
             e.context("failed to delegate add")
         })
     }
@@ -79,7 +83,7 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
             return Ok(());
         };
         let bytes = match delegate_type(&saved.bytes) {
-            Some(_) => saved.bytes.clone(),
+            Some(_) => saved.bytes,
             None => match rebuilt(req, &fc) {
                 Some(bytes) => bytes,
                 None => {
@@ -202,15 +206,11 @@ fn rebuilt(req: &Request, fc: &FlannelConf) -> Option<Vec<u8>> {
 }
 
 /// A failed delegate ADD: undo what it may have left (weft's bridge leaves nothing,
-/// the reference's may) and drop the saved file once that worked.
-fn roll_back(req: &Request, delegate: &Delegate, dir: &std::path::Path) {
+/// the reference's may) and drop the config saved at `saved` once that worked.
+fn roll_back(delegate: &Delegate, saved: &Path) {
     match delegate.run(Command::Del) {
         Ok(()) => {
-            if let Ok(Some(saved)) = scratch::load(dir, &req.env.container_id, &req.env.ifname)
-                && saved.owned
-            {
-                let _ = scratch::remove(&saved.path);
-            }
+            let _ = scratch::remove(saved);
         }
         Err(e) => weft_core::warn!("rolling back the delegate's ADD failed, kept for DEL: {e}"),
     }

@@ -31,13 +31,15 @@ fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
     }
 }
 
-/// Save `bytes` for `(container_id, ifname)`: directory 0700, file 0600, synced
+/// Save `bytes` for `(container_id, ifname)` and return where: directory 0700,
+/// file 0600, synced
 /// before it replaces anything, so a power loss cannot leave an empty file that
 /// DEL cannot use (cni-plugin#43).
-pub fn save(dir: &Path, container_id: &str, ifname: &str, bytes: &[u8]) -> Result<()> {
+pub fn save(dir: &Path, container_id: &str, ifname: &str, bytes: &[u8]) -> Result<PathBuf> {
     let dest = path(dir, container_id, ifname);
     atomic_file::write(&dest, bytes, atomic_file::PRIVATE, true)
-        .map_err(|e| CniError::io(format!("writing {}", dest.display()), e))
+        .map_err(|e| CniError::io(format!("writing {}", dest.display()), e))?;
+    Ok(dest)
 }
 
 /// The saved config of `(container_id, ifname)`, if any. For a non-default ifname
@@ -59,12 +61,7 @@ pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Result<Option<Saved
 }
 
 pub fn remove(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(CniError::io(format!("removing {}", path.display()), e))
-        }
-        _ => Ok(()),
-    }
+    atomic_file::remove(path).map_err(|e| CniError::io(format!("removing {}", path.display()), e))
 }
 
 /// Every saved file: `(path, container ID, ifname)`, the ifname `None` for a

@@ -55,12 +55,7 @@ pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<Record> {
 
 pub fn remove(dir: &Path, container_id: &str, ifname: &str) -> Result<()> {
     let p = path(dir, container_id, ifname);
-    match fs::remove_file(&p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(CniError::io(format!("removing {}", p.display()), e))
-        }
-        _ => Ok(()),
-    }
+    atomic_file::remove(&p).map_err(|e| CniError::io(format!("removing {}", p.display()), e))
 }
 
 /// Every readable record (GC).
