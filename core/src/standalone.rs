@@ -116,7 +116,7 @@ impl SourceConf {
 }
 
 /// The backend a plugin type runs: `vxlan` or `host-gw`.
-pub fn check_backend(kind: &Kind, wanted: &str) -> Result<()> {
+fn check_backend(kind: &Kind, wanted: &str) -> Result<()> {
     if kind.name() != wanted {
         return Err(CniError::config(format!(
             "the network config's backend is {}, but this plugin runs {wanted}",

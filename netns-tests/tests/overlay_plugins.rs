@@ -219,6 +219,15 @@ fn host_port_reached(client: &Pod, node: &Node, host_port: u16, web: &Pod) {
     tcp_send(&what, &client.ns, dst, (&web.ns, CONTAINER_PORT), 64 * 1024);
 }
 
+/// CHECK through the driver passes for each attachment on its node's runtime.
+fn check_all(checks: &[(&Runtime, &Attachment)]) {
+    for (rt, att) in checks {
+        rt.driver
+            .check(att)
+            .unwrap_or_else(|e| panic!("CHECK {}: {e}", att.container_id));
+    }
+}
+
 /// Wait out a resync period, then STATUS on `rt`'s node: it syncs.
 fn resync(rt: &Runtime) {
     std::thread::sleep(RESYNC + Duration::from_millis(200));
@@ -407,16 +416,12 @@ fn vxlan_overlay_standalone_nodes_next_to_a_weftd_node() {
     host_port_reached(&p2, n3, HOST_PORT, &p3b);
 
     // CHECK passes on every node.
-    for (rt, att) in [
+    check_all(&[
         (&rts[0], &a1),
         (&rts[1], &a2),
         (&rts[2], &a3),
         (&rts[2], &a3b),
-    ] {
-        rt.driver
-            .check(att)
-            .unwrap_or_else(|e| panic!("CHECK {}: {e}", att.container_id));
-    }
+    ]);
 
     // DEL + GC leave nothing of the pods; the node (VTEP, subnet.env, lease) stays.
     rts[0].del_all_and_gc(&[&a1]);
@@ -499,16 +504,12 @@ fn host_gw_standalone_nodes_next_to_a_weftd_node() {
     resync(&rts[1]);
     assert_eq!(n2.weft_routes(), host_gw_routes(&[n1, n3]), "repaired");
 
-    for (rt, att) in [
+    check_all(&[
         (&rts[0], &a1),
         (&rts[1], &a2),
         (&rts[2], &a3),
         (&rts[2], &a3b),
-    ] {
-        rt.driver
-            .check(att)
-            .unwrap_or_else(|e| panic!("CHECK {}: {e}", att.container_id));
-    }
+    ]);
     rts[0].del_all_and_gc(&[&a1]);
     rts[1].del_all_and_gc(&[&a2, &a2b]);
     rts[2].del_all_and_gc(&[&a3, &a3b]);

@@ -38,23 +38,19 @@ impl LinkAddrs {
         let link = nl
             .link_by_index(self.index)?
             .ok_or_else(|| CniError::internal(format!("interface {} vanished", self.name)))?;
-        let usable = |a: &&IpNet| !a.addr().is_loopback() && !is_link_local(a.addr());
-        let first = |v4: bool| {
-            self.addrs
-                .iter()
-                .filter(usable)
-                .map(IpNet::addr)
-                .find(|a| a.is_ipv4() == v4)
+        let usable = || {
+            let addrs = self.addrs.iter().map(IpNet::addr);
+            addrs.filter(|a| !a.is_loopback() && !is_link_local(*a))
         };
         Ok(ExtIface {
             name: link.name,
             index: link.index,
             mtu: link.mtu,
-            addr_v4: first(true).and_then(|a| match a {
+            addr_v4: usable().find_map(|a| match a {
                 IpAddr::V4(v4) => Some(v4),
                 IpAddr::V6(_) => None,
             }),
-            addr_v6: first(false).and_then(|a| match a {
+            addr_v6: usable().find_map(|a| match a {
                 IpAddr::V6(v6) => Some(v6),
                 IpAddr::V4(_) => None,
             }),
