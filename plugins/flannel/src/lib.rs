@@ -144,9 +144,8 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
             Ok(node) => Some(fc.delegate_conf(req, &node)?),
             // Without subnet.env, any config saved on this node names the delegate.
             Err(_) => saved.iter().find_map(|(p, _, _)| {
-                let bytes = std::fs::read(p).ok()?;
-                delegate_type(&bytes)?;
-                serde_json::from_slice::<Value>(&bytes).ok()
+                let conf: Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+                conf["type"].is_string().then_some(conf)
             }),
         };
         if let Some(mut conf) = base {
