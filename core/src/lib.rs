@@ -8,6 +8,7 @@ pub mod background;
 pub mod conntrack;
 pub mod delegate;
 pub mod error;
+pub mod fault;
 pub mod ident;
 pub mod lease;
 pub mod log;

@@ -27,6 +27,7 @@ pub mod etcd;
 pub mod fake;
 pub mod kube_api;
 mod netns;
+pub mod node_state;
 mod runner;
 mod tempdir;
 pub mod weftd_cluster;
@@ -34,7 +35,7 @@ pub mod weftd_cluster;
 pub use command::{die_with_thread, netns_command};
 pub use netns::TestNetns;
 pub use runner::{
-    CniErr, Invocation, Outcome, bin_dir, plugin_path, reference_dir, workspace_root,
+    CniErr, Invocation, Outcome, bin_dir, debug_bin_dir, plugin_path, reference_dir, workspace_root,
 };
 pub use tempdir::TempDir;
 

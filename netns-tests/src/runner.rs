@@ -27,6 +27,15 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// Debug builds of our plugins (`$WEFT_DEBUG_BIN_DIR`, else `<workspace>/target/debug`):
+/// the only ones with fault injection compiled in (see `weft_core::fault`).
+pub fn debug_bin_dir() -> PathBuf {
+    match std::env::var_os("WEFT_DEBUG_BIN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace_root().join("target/debug"),
+    }
+}
+
 /// The reference (Debian containernetworking-plugins) binaries.
 pub fn reference_dir() -> PathBuf {
     PathBuf::from("/usr/lib/cni")

@@ -68,6 +68,7 @@ pub fn add(req: &Request) -> Result<CniResult> {
     let held = store.held_by(cid, ifname);
     let mut taken: Vec<IpAddr> = Vec::new();
     let mut ips = Vec::new();
+    let mut allocated = Ok(());
     for (i, set) in conf.sets.iter().enumerate() {
         match allocate(&mut store, set, i, wanted[i], cid, ifname, &held) {
             Ok(ip) => {
@@ -75,12 +76,16 @@ pub fn add(req: &Request) -> Result<CniResult> {
                 ips.push(ip);
             }
             Err(e) => {
-                for ip in taken {
-                    let _ = store.release(ip);
-                }
-                return Err(e.context(format!("failed to allocate for range {i}")));
+                allocated = Err(e.context(format!("failed to allocate for range {i}")));
+                break;
             }
         }
+    }
+    if let Err(e) = allocated.and_then(|()| weft_core::fault::point("host-local.reserved")) {
+        for ip in taken {
+            let _ = store.release(ip);
+        }
+        return Err(e);
     }
     Ok(CniResult {
         ips,

@@ -11,7 +11,7 @@ use weft_core::netns::NetNs;
 use weft_core::skel::{Command, Request};
 use weft_core::spec::{CniResult, Interface, IpConfig, Route};
 use weft_core::sysctl;
-use weft_core::{macspoof, masq};
+use weft_core::{fault, macspoof, masq};
 
 /// Undo actions, run newest first when ADD fails.
 #[derive(Default)]
@@ -58,8 +58,11 @@ fn setup(
     undo: &mut Undo,
 ) -> Result<CniResult> {
     let bridge = ensure_bridge(host, conf, undo)?;
+    fault::point("bridge.bridge")?;
     let host_veth = create_veth(req, conf, mac, pod, host, undo)?;
+    fault::point("bridge.veth")?;
     attach_port(conf, host, &host_veth, &bridge)?;
+    fault::point("bridge.port")?;
     let ifname = req.env.ifname.clone();
     let enabledad = conf.enabledad;
     pod.run(move || pod_sysctls(&ifname, enabledad))??;
@@ -68,19 +71,24 @@ fn setup(
     if conf.macspoofchk {
         // Before the pod's interface goes up, so no spoofed frame slips through.
         guard_mac(req, &host_veth, &pod_if, undo)?;
+        fault::point("bridge.macspoof")?;
     }
 
     let mut result = CniResult::default();
     if let Some(ipam) = ipam_type(req) {
         result = run_ipam(req, ipam, undo)?;
+        fault::point("bridge.ipam")?;
         configure_l3(conf, &mut result, pod, pod_nl, &pod_if, host, &bridge)?;
+        fault::point("bridge.l3")?;
         if conf.ip_masq {
             masquerade(req, &result, undo)?;
+            fault::point("bridge.masq")?;
         }
     } else if !conf.disable_container_interface {
         pod_nl.set_up(pod_if.index)?;
     }
     fill_interfaces(req, &mut result, host, &pod_if, &bridge, &host_veth)?;
+    fault::point("bridge.result")?;
     if let Some(dns) = req.conf.dns.as_ref().filter(|d| !d.is_empty()) {
         result.dns = dns.clone();
     }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use std::path::Path;
 use weft_core::delegate::Delegate;
 use weft_core::error::{CniError, Result, code};
+use weft_core::fault;
 use weft_core::skel::{Command, Plugin, Request};
 use weft_core::spec::CniResult;
 
@@ -61,17 +62,23 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
         self.0.ensure_up(req, &fc.subnet_file())?;
         let node = subnet_file::load(&fc.subnet_file())?;
         let bytes = to_bytes(&fc.delegate_conf(req, &node)?);
+        let delegate = find(req, &bytes)?;
         let saved = scratch::save(
             &fc.data_dir(),
             &req.env.container_id,
             &req.env.ifname,
             &bytes,
         )?;
-        let delegate = find(req, &bytes)?;
-        delegate.add(req.version()).map_err(|e| {
+        if let Err(e) = fault::point("flannel.saved") {
+            let _ = scratch::remove(&saved);
+            return Err(e);
+        }
+        let added = delegate.add(req.version()).map_err(|e| {
             roll_back(&delegate, &saved);
             e.context("failed to delegate add")
-        })
+        })?;
+        fault::point("flannel.delegated").inspect_err(|_| roll_back(&delegate, &saved))?;
+        Ok(added)
     }
 
     /// With the config saved at ADD (the runtime's DEL config may differ from it);

@@ -4,6 +4,7 @@ use crate::config::{self, PortMapConf, Protocol};
 use crate::rules::{self, Plan};
 use crate::state::{self, Record};
 use weft_core::error::{CniError, Result, code};
+use weft_core::fault;
 use weft_core::masq::Attachment;
 use weft_core::netlink::Netlink;
 use weft_core::nft::ErrorKind;
@@ -34,15 +35,20 @@ pub fn add(req: &Request, conf: &PortMapConf) -> Result<CniResult> {
             keys: plan.keys(),
         },
     )?;
-    let done = install(&att, conf, &plan).and_then(|_| {
-        enable_localhost(conf, &plan).inspect_err(|_| {
-            if let Err(e) = rules::del_tx(&plan.keys(), &att.owner())
-                .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
-            {
-                weft_core::warn!("rolling back the mappings failed: {e}");
-            }
-        })
-    });
+    let done = fault::point("portmap.recorded")
+        .and_then(|()| install(&att, conf, &plan))
+        .and_then(|()| {
+            fault::point("portmap.installed")
+                .and_then(|()| enable_localhost(conf, &plan))
+                .and_then(|()| fault::point("portmap.localhost"))
+                .inspect_err(|_| {
+                    if let Err(e) = rules::del_tx(&plan.keys(), &att.owner())
+                        .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
+                    {
+                        weft_core::warn!("rolling back the mappings failed: {e}");
+                    }
+                })
+        });
     if let Err(e) = done {
         let _ = state::remove(&conf.data_dir, &env.container_id, &env.ifname);
         return Err(e);
