@@ -3,6 +3,7 @@
 //! `nfgenmsg`, splitting a reply datagram, and the socket.
 
 use netlink_sys::{Socket, SocketAddr};
+use std::os::fd::AsRawFd;
 
 pub(crate) const NETLINK_NETFILTER: isize = 12;
 pub(crate) const NLM_F_REQUEST: u16 = 0x1;
@@ -121,4 +122,49 @@ pub(crate) fn open() -> std::io::Result<Socket> {
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     Ok(sock)
+}
+
+/// Make `sock` take a batch of `bytes` holding `messages` acknowledged messages.
+/// The kernel refuses a send larger than the send buffer (EMSGSIZE), and handles the
+/// whole batch inside sendmsg, queueing every reply before the first is read: an ack
+/// costs ~1 KiB of receive buffer (its skb's true size), so the default (208 KiB)
+/// overflows (ENOBUFS, replies lost) at ~200 messages. Errors echo only the failed
+/// message's header (NETLINK_CAP_ACK). nft sizes its buffers the same way.
+pub(crate) fn size_for_batch(sock: &Socket, bytes: usize, messages: usize) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
+    // FORCE passes over net.core.[rw]mem_max; it needs CAP_NET_ADMIN, which a
+    // plugin changing nftables has anyway.
+    let wanted = |n: usize| i32::try_from(n + 65536).unwrap_or(i32::MAX);
+    let (send, receive) = (wanted(bytes), wanted(messages.saturating_mul(2048)));
+    if send > DEFAULT_BUFFER {
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, send)?;
+    }
+    if receive > DEFAULT_BUFFER {
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, receive)?;
+    }
+    Ok(())
+}
+
+/// net.core.[rw]mem_default's usual value.
+const DEFAULT_BUFFER: i32 = 212_992;
+const SOL_NETLINK: i32 = 270;
+const NETLINK_CAP_ACK: i32 = 10;
+
+fn setsockopt(fd: i32, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: an int option, passed by pointer with its exact size, on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

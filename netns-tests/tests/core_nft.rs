@@ -907,3 +907,51 @@ fn masq_latency() {
         }
     });
 }
+
+/// A batch of thousands of element statements is acknowledged statement by
+/// statement, and every ack is queued before the first is read: the socket's
+/// receive buffer must hold them all (ENOBUFS lost the replies of a large GC).
+/// Half of them fail, so the errors come back too, each naming its statement.
+#[test]
+fn thousands_of_statements_in_one_batch_get_every_reply() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    let t = id("weft_big");
+    let mut setup = Transaction::new();
+    setup.add_table(Family::Inet, &t, None).add_set(
+        Family::Inet,
+        &t,
+        &id("s"),
+        &nft::SetDecl::map("ipv4_addr", "verdict"),
+    );
+    inside(&ns, || setup.apply()).unwrap();
+    let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+    let mut add = Transaction::new();
+    for i in 0..3000 {
+        add.add_elements(
+            Family::Inet,
+            &t,
+            &id("s"),
+            &[nft::Element::new(addr(i)).verdict(Verdict::Accept)],
+        );
+    }
+    inside(&ns, || add.apply()).unwrap();
+    let mut del = Transaction::new();
+    for i in 1500..4500 {
+        del.delete_elements(Family::Inet, &t, &id("s"), &[Value::Addr(addr(i))]);
+    }
+    let err = inside(&ns, || del.try_apply()).unwrap_err();
+    let nft::NftError::Failed { errors, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(errors.len(), 1500);
+    assert!(errors.iter().all(|e| e.kind == ErrorKind::NotFound));
+    assert_eq!(errors[0].line, 1501);
+    let dropped = inside(&ns, || del.apply_ignoring(&[ErrorKind::NotFound])).unwrap();
+    assert_eq!(dropped.len(), 1500);
+    let listing = nft_in(&ns, &["list", "map", "inet", "weft_big", "s"]);
+    assert!(listing.contains("10.0.0.1 "), "{listing}");
+    assert!(!listing.contains(&format!("{} ", addr(2000))), "{listing}");
+}
