@@ -272,8 +272,9 @@ fn l2_mode_and_requested_mac() {
         (e.code, e.msg.as_str()),
         (6, "cannot convert: no valid IP addresses")
     );
+    // Undone by DEL, which deletes the interface in the background.
     assert_eq!(
-        pod_links(&pod),
+        pod_links_after_del(&pod),
         ["lo", "eth0"],
         "the 0.2.0 L2 ADD was undone"
     );
