@@ -41,7 +41,7 @@ pub struct Flags {
     pub etcd_username: Option<String>,
     /// etcd password (never logged).
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<Secret>,
     /// External interface, by name or IP address (repeatable; the first that exists wins).
     #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
@@ -126,6 +126,25 @@ pub struct Flags {
     pub verbosity: u8,
 }
 
+/// A flag value that must never be printed: `{:?}` shows `<redacted>`, so logging
+/// the flags (or anything holding one) cannot reveal it. The value is `.0`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// Go's `strconv.ParseBool`.
 fn go_bool(s: &str) -> Result<bool, String> {
     match s {
@@ -182,6 +201,15 @@ mod tests {
             (f.healthz_ip.to_string(), f.healthz_port),
             ("0.0.0.0".into(), 0)
         );
+    }
+
+    #[test]
+    fn the_password_is_never_in_debug_output() {
+        let f = parse(&["--etcd-username=root", "--etcd-password=s3cr3t-pw"]).unwrap();
+        assert_eq!(f.etcd_password, Some(Secret("s3cr3t-pw".into())));
+        let shown = format!("{f:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("etcd_password: Some(<redacted>)"), "{shown}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// What the agent reports. Updated by the daemon loop, read by the HTTP server.
 #[derive(Default)]
@@ -178,27 +180,66 @@ fn respond(status: &Status, req: &Request<hyper::body::Incoming>) -> Response<Fu
         .expect("static headers are valid")
 }
 
+/// At most this many connections are served at once; more are closed on accept.
+/// Probes and scrapers need a handful.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection must have sent its request headers this long after it was accepted.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Any connection is closed this long after it was accepted, whatever it does.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of file descriptors, say) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Bind now (so a taken port fails startup), then serve forever in the background.
+///
+/// The endpoints need no authentication, so whoever reaches the port must not be
+/// able to exhaust weftd: connections beyond [`MAX_CONNECTIONS`] are closed at
+/// once, each serves one request (no keep-alive), must send its headers within
+/// [`HEADER_TIMEOUT`] and is closed after [`CONNECTION_TIMEOUT`]. Otherwise idle
+/// connections held open would use up weftd's file descriptors, and with them its
+/// netlink sockets, the nft runs that repair the rules and the store connection.
 pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the health server to {addr}: {e}"))?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let mut refused: u64 = 0;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "health server: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        refused,
+                        "health server: {MAX_CONNECTIONS} connections open, closing new ones"
+                    );
+                }
+                drop(stream);
                 continue;
             };
             let status = status.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let resp = respond(&status, &req);
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(io, service);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             });
         }
     });
