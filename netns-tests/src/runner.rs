@@ -151,6 +151,17 @@ impl Invocation {
     /// Run to completion. Panics only when the binary is missing (the usual cause:
     /// the plugins were not built) or cannot be started at all.
     pub fn run(&self) -> Outcome {
+        self.run_and_kill(None)
+    }
+
+    /// [`Self::run`], sending SIGKILL `after` the start unless the plugin is done by
+    /// then (a killed one reports 137, as a shell would). How crash tests stop a
+    /// plugin at a random point.
+    pub fn run_killed_after(&self, after: std::time::Duration) -> Outcome {
+        self.run_and_kill(Some(after))
+    }
+
+    fn run_and_kill(&self, kill_after: Option<std::time::Duration>) -> Outcome {
         assert!(
             self.binary.exists(),
             "build the plugins first: cargo build --release (looked for {})",
@@ -179,6 +190,12 @@ impl Invocation {
         let writer = std::thread::spawn(move || {
             let _ = pipe.write_all(&input);
         });
+        if let Some(after) = kill_after {
+            std::thread::sleep(after);
+            // Fails only when the child was already reaped, which wait_with_output
+            // below has not done yet: a finished child is a zombie and takes it.
+            let _ = child.kill();
+        }
         let out = child
             .wait_with_output()
             .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.binary.display()));

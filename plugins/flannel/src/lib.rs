@@ -170,6 +170,9 @@ impl<N: NodeState> Plugin for SubnetMeta<N> {
                 scratch::remove(&path)?;
             }
         }
+        // Half-written configs of ADDs killed mid-write.
+        weft_core::atomic_file::remove_orphans(&dir)
+            .map_err(|e| CniError::io(format!("flannel GC in {}", dir.display()), e))?;
         Ok(())
     }
 

@@ -74,5 +74,8 @@ pub fn gc(req: &Request, conf: &PortMapConf) -> Result<()> {
             state::remove(&conf.data_dir, &r.container_id, &r.ifname)?;
         }
     }
+    // Half-written records of ADDs killed mid-write.
+    weft_core::atomic_file::remove_orphans(&conf.data_dir)
+        .map_err(|e| CniError::io(format!("portmap GC in {}", conf.data_dir.display()), e))?;
     Ok(())
 }
