@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -179,7 +180,13 @@ fn sibling(subnet_file: &Path, suffix: &str) -> PathBuf {
 }
 
 fn touch(path: &Path) -> Result<()> {
-    std::fs::File::create(path)
+    // Not writable by others: its mtime decides when the next sync is due.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o644)
+        .open(path)
         .and_then(|f| f.set_modified(std::time::SystemTime::now()))
         .map_err(|e| CniError::io(path.display(), e))
 }
@@ -210,12 +217,19 @@ fn sync(conf: &SourceConf, backend: &str, subnet_file: &Path) -> Result<()> {
 fn lock(subnet_file: &Path, wait: bool) -> Result<Option<std::fs::File>> {
     let path = sibling(subnet_file, "lock");
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| CniError::io(dir.display(), e))?;
+        // As flanneld's /run/flannel, whatever the runtime's umask.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| CniError::io(dir.display(), e))?;
     }
+    // 0600: whoever can open the lock can flock it and stall the node's syncs.
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| CniError::io(path.display(), e))?;
     let locked = if wait {

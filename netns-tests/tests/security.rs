@@ -7,13 +7,12 @@
 //!   each refusal is logged on exactly one line (a line break in the input cannot
 //!   forge log lines);
 //! - names that pass validation but are too long for a file name stay inside the
-//!   data directory; symlinks planted in state directories are replaced, not
-//!   written through (host-local's store still writes through some: an ignored
-//!   test states the fix);
+//!   data directory; symlinks planted in state directories are replaced or
+//!   refused, never written through;
 //! - state is private whatever the umask: every file a plugin creates is 0600 and
 //!   every directory 0700, the log file too (weftd's subnet.env excepted: 0644 in
-//!   0755 directories, as flanneld writes it; a standalone overlay node's lock and
-//!   sync marker are usable by other users: an ignored test states the fix);
+//!   0755 directories, as flanneld writes it; a standalone overlay node's lock is
+//!   0600 and its sync marker 0644);
 //! - the plugin's own network namespace (the host's) is refused by every plugin
 //!   that enters CNI_NETNS, before anything happens; DEL then runs host-side only;
 //! - shell metacharacters in every string a runtime or a config passes reach no
@@ -675,14 +674,11 @@ fn symlinks_in_state_dirs_are_replaced_not_written_through() {
     );
 }
 
-/// host-local's state files are opened by name and follow symlinks (as the
-/// reference's do): a link planted as the network's directory, `last_reserved_ip.0`,
-/// `.weft-owners` or `lock` makes ADD write or create the file it points at. The
-/// fix belongs in `ipam/host-local/src/store.rs` (O_NOFOLLOW on every open, the
-/// network directory opened with O_DIRECTORY|O_NOFOLLOW); this test states what it
-/// must achieve.
+/// A link planted as host-local's network directory, `last_reserved_ip.0`,
+/// `.weft-owners` or `lock` (the reference follows them all) never makes ADD write
+/// or create the file it points at: the store opens every file O_NOFOLLOW and
+/// refuses a network directory that is a symlink.
 #[test]
-#[ignore = "host-local's store writes through planted symlinks: needs O_NOFOLLOW in ipam/host-local/src/store.rs"]
 fn host_local_never_writes_through_a_planted_symlink() {
     let Some(site) = Site::new() else { return };
     let data = site.data();
@@ -1055,11 +1051,8 @@ fn the_test_hosts_own_netns_is_refused_with_harmless_configs() {
 /// 0644, and the lock and sync marker no other user can use: the lock 0600 (any
 /// user who can open it can flock it, so the node never syncs again, or its first
 /// bring-up waits forever), the marker not writable by others (its mtime decides
-/// when the next sync is due). `core/src/standalone.rs` creates the directory with
-/// `create_dir_all` (0777 & ~umask) and the lock and marker with `File::create`
-/// (0666 & ~umask); this test states the fix.
+/// when the next sync is due).
 #[test]
-#[ignore = "core/src/standalone.rs: lock()/touch() create the dir, .lock and .synced without explicit modes"]
 fn standalone_node_files_are_not_usable_by_other_users() {
     let Some(site) = Site::new() else { return };
     site.node

@@ -85,12 +85,20 @@ impl Store {
         } else if !dir.is_dir() {
             return Ok(None);
         }
+        // The network's directory, like every file in it, is never a symlink: state
+        // is not written through a link planted to elsewhere. (dataDir above may be.)
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| CniError::io(dir.display(), e))?;
+        if meta.file_type().is_symlink() {
+            let e = std::io::Error::from_raw_os_error(libc::ELOOP);
+            return Err(CniError::io(dir.display(), e));
+        }
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| CniError::io(lock_path.display(), e))?;
         lock.lock()
@@ -199,6 +207,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         let entries = reservation_entries(&self.dir)?;
         let mut body = format!("{CACHE_HEADER}\ndirmtime {}\n", dir_stamp(&self.dir)?);
@@ -244,6 +253,7 @@ fn write_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     overwrite(&file, bytes)
 }
