@@ -592,6 +592,8 @@ fn gateway_on_a_bridge_whose_ports_all_left() {
     let l2 = json!({"cniVersion": "1.0.0", "name": node.name, "type": "bridge", "bridge": "wb13"});
     node.run("ADD", "a", &a, "eth0", &l2).ok();
     node.run("DEL", "a", &a, "eth0", &l2).ok();
+    // DEL deletes the veth in the background: the bridge is portless once it is gone.
+    assert_eq!(pod_links_after_del(&a), ["lo"]);
     let link = node.ns.exec_json(&["ip", "-j", "link", "show", "wb13"]);
     assert_eq!(
         link[0]["address"], "00:00:00:00:00:00",
