@@ -27,8 +27,21 @@ fn next_lease_retry(wait: Duration) -> Duration {
     (wait * 2).min(Duration::from_secs(10))
 }
 
-/// Wait between retries of a failed renewal (flanneld: 1 min).
-const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// Waits between retries of a failed renewal: from 1 s, doubling up to flanneld's
+/// 1 min.
+const RENEW_RETRY_FIRST: Duration = Duration::from_secs(1);
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The wait before retrying a failed renewal, after `previous` (None: the first
+/// failure), when the lease has `left` until it expires: never more than half of
+/// that, so a transient failure (an etcd member down, an election) costs a few
+/// seconds, not the lease. flanneld waits a fixed minute: with
+/// `--subnet-lease-renew-margin=1` one failed renewal lets the lease expire.
+fn renew_retry(previous: Option<Duration>, left: Option<Duration>) -> Duration {
+    let wait = previous.map_or(RENEW_RETRY_FIRST, |w| (w * 2).min(RENEW_RETRY_MAX));
+    left.map_or(wait, |left| wait.min(left / 2))
+        .max(RENEW_RETRY_FIRST)
+}
 
 /// What the daemon needs besides its lease source.
 pub struct Settings {
@@ -54,6 +67,10 @@ struct Node<'a, S> {
     request: AcquireRequest,
     lease: Lease,
     renew_at: Instant,
+    /// When the lease expires, if it does.
+    expires_at: Option<Instant>,
+    /// The last wait after a failed renewal; None after a success.
+    renew_backoff: Option<Duration>,
     /// Other nodes' leases; deletions are matched against these.
     peers: BTreeMap<SubnetKey, Lease>,
     /// While our lease is gone from the store: when to try again, and the backoff.
@@ -148,6 +165,8 @@ async fn start<S: LeaseSource>(
         settings,
         status,
         renew_at: renew_at(&lease, settings.renew_margin),
+        expires_at: expires_at(&lease),
+        renew_backoff: None,
         config,
         request,
         lease,
@@ -281,6 +300,11 @@ fn set_expiry(status: &Status, lease: &Lease) {
     status.lease_expiry.store(secs, Ordering::Relaxed);
 }
 
+/// When `lease` (just received) expires; None for leases without a TTL.
+fn expires_at(lease: &Lease) -> Option<Instant> {
+    lease.ttl.map(|ttl| Instant::now() + ttl)
+}
+
 /// `ttl − margin` from now; never, for leases without a TTL.
 fn renew_at(lease: &Lease, margin: Duration) -> Instant {
     match lease.ttl {
@@ -296,13 +320,20 @@ impl<S: LeaseSource> Node<'_, S> {
                 self.status.lease_renewals.fetch_add(1, Ordering::Relaxed);
                 set_expiry(&self.status, &lease);
                 self.renew_at = renew_at(&lease, self.settings.renew_margin);
+                self.expires_at = expires_at(&lease);
+                self.renew_backoff = None;
                 info!(subnet = %lease.key, ttl = ?lease.ttl, "lease renewed");
                 self.lease = lease;
             }
             Err(e) => {
                 self.status.lease_errors.fetch_add(1, Ordering::Relaxed);
-                self.renew_at = Instant::now() + RENEW_RETRY;
-                warn!(error = %e, retry_in = ?RENEW_RETRY, "lease renewal failed");
+                let left = self
+                    .expires_at
+                    .map(|t| t.saturating_duration_since(Instant::now()));
+                let wait = renew_retry(self.renew_backoff, left);
+                self.renew_backoff = Some(wait);
+                self.renew_at = Instant::now() + wait;
+                warn!(error = %e, retry_in = ?wait, expires_in = ?left, "lease renewal failed");
             }
         }
     }
@@ -398,6 +429,8 @@ impl<S: LeaseSource> Node<'_, S> {
             warn!(old = %self.lease.key, new = %lease.key, "the old subnet was taken meanwhile; pods must be restarted to use the new one");
         }
         self.renew_at = renew_at(&lease, self.settings.renew_margin);
+        self.expires_at = expires_at(&lease);
+        self.renew_backoff = None;
         let moved = lease.key != self.lease.key;
         self.lease = lease;
         if moved && let Err(e) = self.dp.assign(self.lease.key, self.config.clone()).await {
@@ -477,5 +510,43 @@ impl<S> Node<'_, S> {
     /// flanneld's FLANNEL_MTU: vxlan adds 50 bytes of headers.
     fn mtu(&self) -> u32 {
         self.dp.plane().kind().pod_mtu(self.settings.iface.mtu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_renewal_is_retried_within_the_time_left() {
+        let s = Duration::from_secs;
+        // Plenty of time left: 1 s, doubling, up to a minute.
+        let day = Some(s(86_400));
+        let mut wait = None;
+        let waits: Vec<u64> = (0..8)
+            .map(|_| {
+                let w = renew_retry(wait, day);
+                wait = Some(w);
+                w.as_secs()
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        // --subnet-lease-renew-margin=1: a minute left at the first failure. The
+        // retries stay inside it (flanneld's fixed minute lands on the expiry).
+        let mut left = s(60);
+        let mut wait = None;
+        while left > s(2) {
+            let w = renew_retry(wait, Some(left));
+            assert!(
+                w <= left / 2 || w == RENEW_RETRY_FIRST,
+                "{w:?} with {left:?} left"
+            );
+            wait = Some(w);
+            left -= w;
+        }
+        assert_eq!(renew_retry(Some(s(60)), Some(s(40))), s(20));
+        // Never below a second, even at the very end; no TTL: plain backoff.
+        assert_eq!(renew_retry(Some(s(8)), Some(Duration::ZERO)), s(1));
+        assert_eq!(renew_retry(Some(s(32)), None), s(60));
     }
 }

@@ -27,6 +27,10 @@ pub const SUBNET_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 /// Deadline of one unary RPC.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often in a row an RPC that failed on the way to etcd is made again ([`call`]),
+/// and the pause before each retry (times the attempt number; 0.7 s in all).
+const RETRIES: u32 = 7;
+const RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// How often a lost create race is retried before giving up.
 const RACE_RETRIES: u32 = 50;
 /// Reconnect backoff bounds (flannel's: 100 ms to 5 s).
@@ -120,10 +124,10 @@ impl EtcdSource {
     /// [`list`](Self::list) with each key's mod_revision, for guarded writes.
     async fn list_versioned(&mut self) -> Result<(Vec<(Lease, i64)>, i64), LeaseError> {
         let prefix = self.subnets_prefix();
-        let resp = deadline(
-            self.client
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
+        let resp = call(&self.client, async |mut c| {
+            c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+        })
         .await
         .map_err(|e| store("listing leases", e))?;
         let revision = resp.header().map_or(0, |h| h.revision());
@@ -147,7 +151,8 @@ impl EtcdSource {
         let (id, ttl) = match reuse {
             Some(alive) => alive,
             None => {
-                let grant = deadline(self.client.lease_grant(SUBNET_TTL.as_secs() as i64, None))
+                let ttl = SUBNET_TTL.as_secs() as i64;
+                let grant = call_unsent(&self.client, async |mut c| c.lease_grant(ttl, None).await)
                     .await
                     .map_err(|e| store("granting an etcd lease", e))?;
                 (grant.id(), Duration::from_secs(grant.ttl().max(0) as u64))
@@ -161,7 +166,7 @@ impl EtcdSource {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(id)),
             )]);
-        let won = match deadline(self.client.txn(txn)).await {
+        let won = match call(&self.client, async |mut c| c.txn(txn.clone()).await).await {
             Ok(resp) => resp.succeeded(),
             Err(e) => {
                 if reuse.is_none() {
@@ -212,7 +217,7 @@ impl EtcdSource {
                 mod_revision,
             )])
             .and_then([TxnOp::put(path, attrs.to_json(), Some(put))]);
-        let resp = deadline(self.client.txn(txn))
+        let resp = call(&self.client, async |mut c| c.txn(txn.clone()).await)
             .await
             .map_err(|e| store("updating our lease", e))?;
         Ok(resp.succeeded().then(|| Lease {
@@ -225,12 +230,12 @@ impl EtcdSource {
 
     /// One keep-alive round trip: the remaining TTL, or None if the lease is gone.
     async fn keep_alive(&mut self, id: i64) -> Result<Option<Duration>, LeaseError> {
-        let round_trip = async {
-            let (mut keeper, mut stream) = self.client.lease_keep_alive(id).await?;
+        let round_trip = call(&self.client, async |mut c| {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
             keeper.keep_alive().await?;
             stream.message().await
-        };
-        match deadline(round_trip).await {
+        });
+        match round_trip.await {
             Ok(Some(resp)) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
             Ok(_) => Ok(None),
             // etcd-client reports an expired lease as an error since 0.14.
@@ -241,7 +246,7 @@ impl EtcdSource {
 
     async fn revoke(&mut self, id: i64) {
         // Best effort: an unrevoked lease expires by itself within 24 h.
-        let _ = deadline(self.client.lease_revoke(id)).await;
+        let _ = call(&self.client, async |mut c| c.lease_revoke(id).await).await;
     }
 
     /// Delete `key` if it is still at `mod_revision`.
@@ -258,7 +263,7 @@ impl EtcdSource {
                 mod_revision,
             )])
             .and_then([TxnOp::delete(path, None)]);
-        deadline(self.client.txn(txn))
+        call(&self.client, async |mut c| c.txn(txn.clone()).await)
             .await
             .map_err(|e| store("deleting an incompatible lease", e))?;
         Ok(())
@@ -331,7 +336,11 @@ impl EtcdSource {
             .with_prefix()
             .with_start_revision(revision + 1)
             .with_progress_notify();
-        deadline(self.client.watch(self.subnets_prefix(), Some(opts))).await
+        let prefix = self.subnets_prefix();
+        call(&self.client, async |mut c| {
+            c.watch(prefix.clone(), Some(opts.clone())).await
+        })
+        .await
     }
 
     async fn back_off(&mut self) {
@@ -352,7 +361,7 @@ impl EtcdSource {
 impl LeaseSource for EtcdSource {
     async fn network_config(&mut self) -> Result<NetworkConfig, LeaseError> {
         let path = format!("{}/config", self.prefix);
-        let resp = deadline(self.client.get(path.clone(), None))
+        let resp = call(&self.client, async |mut c| c.get(path.clone(), None).await)
             .await
             .map_err(|e| store("reading the network config", e))?;
         match resp.kvs().first() {
@@ -581,6 +590,96 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, LeaseError> {
         }
     }
     Ok(any.then_some(tls))
+}
+
+/// Run one RPC (`f` makes an attempt, on a clone of `client`) within the deadline,
+/// making an attempt that failed on the way to etcd again at once (up to
+/// [`RETRIES`] times). The client balances over all endpoints, and tonic's
+/// balancer keeps an endpoint whose member is down in the rotation: the first
+/// request on its old connection fails ("broken pipe"), and each one it hands the
+/// endpoint later fails as well ("tcp connect error"), while the other members
+/// would answer. With one member of three down that was every second or third RPC:
+/// a renewal failed (and weftd waited a minute), a watch backed off.
+///
+/// For RPCs that are safe to repeat: reads, keep-alives, revokes and the guarded
+/// txns (a repeated txn whose first attempt did land finds its guard false, which
+/// the callers take as a lost race and resolve on a fresh listing). A lease grant
+/// is not: see [`call_unsent`].
+async fn call<T>(
+    client: &Client,
+    f: impl AsyncFn(Client) -> Result<T, etcd_client::Error>,
+) -> Result<T, etcd_client::Error> {
+    call_with(client, |e| failure(e) != Failure::Other, f).await
+}
+
+/// [`call`] for an RPC that must not run twice (a lease grant: a second one would
+/// leak a lease for 24 h): made again only when it cannot have reached etcd, its
+/// connection having failed to open.
+async fn call_unsent<T>(
+    client: &Client,
+    f: impl AsyncFn(Client) -> Result<T, etcd_client::Error>,
+) -> Result<T, etcd_client::Error> {
+    call_with(client, |e| failure(e) == Failure::Unsent, f).await
+}
+
+async fn call_with<T>(
+    client: &Client,
+    again: impl Fn(&etcd_client::Error) -> bool,
+    f: impl AsyncFn(Client) -> Result<T, etcd_client::Error>,
+) -> Result<T, etcd_client::Error> {
+    deadline(async {
+        let mut attempt = 0;
+        loop {
+            match f(client.clone()).await {
+                Err(e) if attempt < RETRIES && again(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE * attempt).await;
+                }
+                done => return done,
+            }
+        }
+    })
+    .await
+}
+
+/// How an RPC failed, as far as retrying it is concerned.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// No connection could be made (refused, no route): nothing was sent.
+    Unsent,
+    /// The connection broke under the request: its server may have gone down
+    /// with it, or may have carried it out.
+    Broken,
+    /// An answer from etcd, a deadline, anything else.
+    Other,
+}
+
+/// The first I/O error under a failed RPC tells how it failed.
+fn failure(e: &etcd_client::Error) -> Failure {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return Failure::Other;
+    };
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io_failure(io.kind());
+        }
+        source = err.source();
+    }
+    Failure::Other
+}
+
+fn io_failure(kind: std::io::ErrorKind) -> Failure {
+    use std::io::ErrorKind::*;
+    match kind {
+        ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable => {
+            Failure::Unsent
+        }
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof | NotConnected => {
+            Failure::Broken
+        }
+        _ => Failure::Other,
+    }
 }
 
 /// Run one RPC with a deadline, so a dead or partitioned server is an error, not
