@@ -609,6 +609,37 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// All keys starting with `prefix` with their values and the etcd lease each is
+    /// attached to (0: none), sorted by key.
+    pub fn get_prefix_leases(&self, prefix: &str) -> Vec<(String, String, i64)> {
+        let key = if prefix.is_empty() { "\0" } else { prefix };
+        let body = json!({
+            "key": b64(key),
+            "range_end": base64::encode(&prefix_end(prefix.as_bytes())),
+        });
+        let r = self.call("/v3/kv/range", &body);
+        r["kvs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"]), int(&kv["lease"])))
+            .collect()
+    }
+
+    /// Delete every key starting with `prefix` in one request; how many there were.
+    pub fn delete_prefix(&self, prefix: &str) -> i64 {
+        assert!(
+            !prefix.is_empty(),
+            "delete_prefix: refusing to delete all keys"
+        );
+        let body = json!({
+            "key": b64(prefix),
+            "range_end": base64::encode(&prefix_end(prefix.as_bytes())),
+        });
+        int(&self.call("/v3/kv/deleterange", &body)["deleted"])
+    }
+
     /// Delete `key`; whether it existed.
     pub fn delete(&self, key: &str) -> bool {
         let r = self.call("/v3/kv/deleterange", &json!({ "key": b64(key) }));

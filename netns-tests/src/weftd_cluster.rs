@@ -93,6 +93,21 @@ impl Cluster {
         c
     }
 
+    /// `n` nodes and a plain-HTTP etcd cluster of `members` members (all on
+    /// [`ETCD_IP`], member `i` on client port 2379 + 10000·i), holding the network
+    /// config `config`. Give weftd all of them with [`Cluster::endpoints`].
+    pub fn new_members(n: usize, members: usize, config: &str) -> Cluster {
+        let c = Cluster::build_with(n, Some(false), members);
+        c.etcd().put(CONFIG_KEY, config);
+        c
+    }
+
+    /// The client URLs of all etcd members, comma-separated: the value of
+    /// `--etcd-endpoints`.
+    pub fn endpoints(&self) -> String {
+        self.etcd().endpoints().join(",")
+    }
+
     /// `n` nodes and an etcd that speaks only TLS and wants client certificates
     /// ([`EtcdOptions::tls`]), holding the network config `config`.
     pub fn new_tls(n: usize, config: &str) -> Cluster {
@@ -141,6 +156,11 @@ impl Cluster {
 
     /// `etcd`: None for no etcd at all, Some(tls) otherwise. No network config.
     fn build(n: usize, etcd: Option<bool>) -> Cluster {
+        Cluster::build_with(n, etcd, 1)
+    }
+
+    /// [`build`](Self::build) with `members` etcd members.
+    fn build_with(n: usize, etcd: Option<bool>, members: usize) -> Cluster {
         let underlay = TestNetns::new();
         let nodes: Vec<Node> = (1..=n)
             .map(|i| Node {
@@ -166,10 +186,10 @@ impl Cluster {
         }
         let etcd = etcd.map(|tls| {
             EtcdCluster::start(EtcdOptions {
+                members,
                 tls,
                 netns: Some(&underlay),
                 ip: ETCD_IP,
-                ..Default::default()
             })
         });
         let c = Cluster {
@@ -904,6 +924,19 @@ impl Weftd {
         self.exited
     }
 
+    /// weftd's pid (nsenter execs it, so this is weftd itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to weftd while it runs.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.assert_running();
+        // SAFETY: signalling our own, not yet reaped child.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(r, 0, "kill({signal}): {}", std::io::Error::last_os_error());
+    }
+
     pub fn assert_running(&mut self) {
         if let Some(status) = self.exit_status() {
             panic!("weftd exited ({status}); log:\n{}", self.log());
@@ -929,8 +962,11 @@ impl Weftd {
 impl Drop for Weftd {
     fn drop(&mut self) {
         if self.exit_status().is_none() {
-            // SAFETY: as in terminate.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            // SAFETY: as in terminate. SIGCONT: a test may have stopped it.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGCONT);
+            }
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.exit_status().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));

@@ -195,10 +195,10 @@ impl Node {
         for word in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
             if word.starts_with("10.130.") && !word.ends_with(".0") {
                 ips.insert(word.to_owned());
-            } else if let Ok(p) = word.parse::<usize>() {
-                if (FIRST_PORT..FIRST_PORT + OPS).contains(&p) {
-                    ports.insert(p);
-                }
+            } else if let Ok(p) = word.parse::<usize>()
+                && (FIRST_PORT..FIRST_PORT + OPS).contains(&p)
+            {
+                ports.insert(p);
             }
         }
         (ips, ports)
