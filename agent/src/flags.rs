@@ -4,6 +4,7 @@
 use clap::Parser;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use weft_core::lease::etcd::Secret;
 
 /// weftd leases this node's pod subnet (etcd v3 in flannel's schema, the node's
 /// Kubernetes PodCIDR, or a fixed --pod-cidr), writes subnet.env for the CNI plugins,
@@ -124,25 +125,6 @@ pub struct Flags {
     /// Log verbosity (klog's -v: 0 info, 1+ debug).
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
-}
-
-/// A flag value that must never be printed: `{:?}` shows `<redacted>`, so logging
-/// the flags (or anything holding one) cannot reveal it. The value is `.0`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
 }
 
 /// Go's `strconv.ParseBool`.

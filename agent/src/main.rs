@@ -127,6 +127,6 @@ fn etcd_options(flags: &Flags) -> EtcdOptions {
         cert_file: flags.etcd_certfile.clone(),
         key_file: flags.etcd_keyfile.clone(),
         username: flags.etcd_username.clone(),
-        password: flags.etcd_password.as_ref().map(|p| p.0.clone()),
+        password: flags.etcd_password.clone(),
     }
 }

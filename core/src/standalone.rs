@@ -13,7 +13,7 @@
 use crate::backend::iface::{self, ExtIface};
 use crate::backend::{DataPlane, ExtLink, Kind, ROUTE_PROTOCOL};
 use crate::error::{CniError, Result, code};
-use crate::lease::etcd::{EtcdOptions, EtcdSource};
+use crate::lease::etcd::{EtcdOptions, EtcdSource, Secret};
 use crate::lease::{
     AcquireRequest, LeaseError, LeaseSource, NetworkConfig, PeerUpdate, StaticSource, SubnetEnv,
 };
@@ -80,7 +80,7 @@ pub struct EtcdConf {
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 /// A string or a list of strings (comma-separated entries are split too).

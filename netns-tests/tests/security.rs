@@ -1902,25 +1902,35 @@ fn tls_key_contents_are_never_revealed() {
     assert_eq!(weftd.terminate().code(), Some(0));
     assert_log_reveals_nothing(&weftd.log(), &secrets, true);
     drop(weftd);
-    // A key that is no key: weftd retries every second, as for a store that is down
-    // (the file is parsed when connecting), and says no more than "transport error".
+    // A PEM-shaped key that is no key: weftd retries every second, as for a store
+    // that is down (the key is parsed when connecting), and says no more than
+    // "transport error".
     let warning = format!(
         "WARN weftd::daemon: waiting for etcd (retrying every second) error=connecting \
          to etcd [\"{https}\"]: transport error: transport error"
     );
-    for key in [&pem_key, &text_key] {
-        let mut w = Weftd::spawn(node, &args(&path(key)), &trace);
-        wait_for("weftd to retry", Duration::from_secs(15), || {
-            w.assert_running();
-            w.log().contains(&warning).then_some(())
-        });
-        let status = w.terminate();
-        assert!(
-            status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
-            "{status:?}"
-        );
-        assert_log_reveals_nothing(&w.log(), &secrets, false);
-    }
+    let mut w = Weftd::spawn(node, &args(&path(&pem_key)), &trace);
+    wait_for("weftd to retry", Duration::from_secs(15), || {
+        w.assert_running();
+        w.log().contains(&warning).then_some(())
+    });
+    let status = w.terminate();
+    assert!(
+        status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+        "{status:?}"
+    );
+    assert_log_reveals_nothing(&w.log(), &secrets, false);
+    drop(w);
+    // A key file with no PEM block at all is refused at once, named, not shown.
+    let no_pem = format!(
+        "the etcd key file {} holds no PEM private key",
+        path(&text_key)
+    );
+    let mut w = Weftd::spawn(node, &args(&path(&text_key)), &trace);
+    let (status, log) = (w.wait_exit(Duration::from_secs(15)), w.log());
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains(&no_pem), "{log}");
+    assert_log_reveals_nothing(&log, &secrets, false);
 
     let pod = TestNetns::new();
     for key in [&pem_key, &text_key] {
@@ -1950,11 +1960,14 @@ fn tls_key_contents_are_never_revealed() {
             assert!(!logged.contains(s), "{s}: {logged}");
         }
         let e = out.err();
-        let want = format!(
-            "bringing the node up: connecting to etcd [\"{https}\"]: transport error: \
-             transport error"
-        );
-        assert_eq!((e.code, e.msg), (11, want), "{}", key.display());
+        let want = if key == &pem_key {
+            let m = format!("connecting to etcd [\"{https}\"]: transport error: transport error");
+            (11, m)
+        } else {
+            (7, format!("invalid network config: {no_pem}"))
+        };
+        let want = (want.0, format!("bringing the node up: {}", want.1));
+        assert_eq!((e.code, e.msg), want, "{}", key.display());
     }
 }
 

@@ -46,7 +46,27 @@ pub struct EtcdOptions {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+}
+
+/// A password: `{:?}` shows `<redacted>`, so logging anything that holds one
+/// cannot reveal it. The value is `.0`.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
 }
 
 /// Subnet leases in etcd, plus the peer watch state.
@@ -80,7 +100,7 @@ impl EtcdSource {
         }
         if let Some(user) = &opts.username {
             connect = connect
-                .with_user(user, opts.password.clone().unwrap_or_default())
+                .with_user(user, opts.password.as_ref().map_or("", |p| &p.0))
                 .with_auto_token_refresh(true);
         }
         let endpoints = opts.endpoints.clone();
@@ -562,23 +582,39 @@ fn previous(
     (!clash).then_some(key)
 }
 
+const CERT: &str = "CERTIFICATE-----";
+
 fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, LeaseError> {
-    let read = |p: &PathBuf, what: &str| {
-        std::fs::read(p).map_err(|e| {
+    // A file without the PEM block would only fail each TLS handshake later, with
+    // a bare "transport error", retried forever.
+    let read = |p: &PathBuf, what: &str, block: &str| {
+        let bytes = std::fs::read(p).map_err(|e| {
             LeaseError::Config(format!("reading the etcd {what} {}: {e}", p.display()))
-        })
+        })?;
+        let text = String::from_utf8_lossy(&bytes);
+        let has_block = text
+            .lines()
+            .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(block));
+        if !has_block {
+            return Err(LeaseError::Config(format!(
+                "the etcd {what} {} holds no PEM {}",
+                p.display(),
+                block.trim_end_matches('-').to_lowercase()
+            )));
+        }
+        Ok(bytes)
     };
     let mut tls = TlsOptions::new();
     let mut any = false;
     if let Some(ca) = &opts.ca_file {
-        tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA file")?));
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA file", CERT)?));
         any = true;
     }
     match (&opts.cert_file, &opts.key_file) {
         (Some(cert), Some(key)) => {
             tls = tls.identity(Identity::from_pem(
-                read(cert, "certificate file")?,
-                read(key, "key file")?,
+                read(cert, "certificate file", CERT)?,
+                read(key, "key file", "PRIVATE KEY-----")?,
             ));
             any = true;
         }
@@ -698,4 +734,59 @@ async fn deadline<T>(
 
 fn store(what: &str, e: etcd_client::Error) -> LeaseError {
     LeaseError::Store(format!("etcd: {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_files_without_their_pem_block_are_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("weft-etcd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            Some(p)
+        };
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n";
+        let good = EtcdOptions {
+            ca_file: file("ca", cert),
+            cert_file: file("cert", cert),
+            key_file: file("key", key),
+            ..Default::default()
+        };
+        assert!(tls_options(&good).unwrap().is_some());
+        let garbage_key = EtcdOptions {
+            key_file: file("garbage", "SECRET-MARKER not a key"),
+            ..good.clone()
+        };
+        let Err(LeaseError::Config(msg)) = tls_options(&garbage_key) else {
+            panic!("a key file that is no key was accepted")
+        };
+        assert!(msg.ends_with("holds no PEM private key"), "{msg}");
+        assert!(!msg.contains("SECRET-MARKER"), "{msg}");
+        let key_as_ca = EtcdOptions {
+            ca_file: file("ca2", key),
+            ..good
+        };
+        let Err(LeaseError::Config(msg)) = tls_options(&key_as_ca) else {
+            panic!("a CA file that is no certificate was accepted")
+        };
+        assert!(msg.ends_with("holds no PEM certificate"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_password_is_never_in_debug_output() {
+        let opts = EtcdOptions {
+            username: Some("root".into()),
+            password: Some(Secret("s3cr3t-pw".into())),
+            ..Default::default()
+        };
+        let shown = format!("{opts:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("password: Some(<redacted>)"), "{shown}");
+    }
 }
