@@ -576,7 +576,7 @@ fn user_and_password_auth() {
     let rt = rt();
     let with = |user: Option<&str>, password: &str| Connect {
         username: user.map(str::to_owned),
-        password: Some(password.to_owned()),
+        password: Some(weft_core::lease::etcd::Secret(password.to_owned())),
         ..connect_opts(&etcd)
     };
     let lease = rt.block_on(async {
