@@ -594,19 +594,8 @@ impl EtcdCluster {
     /// All keys starting with `prefix` (the empty prefix: all keys) with their
     /// values, sorted by key.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        let key = if prefix.is_empty() { "\0" } else { prefix };
-        let body = json!({
-            "key": b64(key),
-            "range_end": base64::encode(&prefix_end(prefix.as_bytes())),
-        });
-        let r = self.call("/v3/kv/range", &body);
-        r["kvs"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
-            .collect()
+        let kvs = self.get_prefix_leases(prefix).into_iter();
+        kvs.map(|(k, v, _)| (k, v)).collect()
     }
 
     /// All keys starting with `prefix` with their values and the etcd lease each is
