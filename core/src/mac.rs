@@ -7,7 +7,8 @@ pub fn parse(s: &str) -> Option<[u8; 6]> {
     let mut parts = s.split(':');
     for byte in &mut mac {
         let p = parts.next()?;
-        (p.len() == 2).then_some(())?;
+        // Hex digits only: from_str_radix takes a sign ("+a"), Go's ParseMAC does not.
+        (p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
         *byte = u8::from_str_radix(p, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
@@ -40,6 +41,8 @@ mod tests {
             "a:58:0a:01:00:ff",
             "02:00:0a:00:00",
             "02:00:0a:00:00:00:01",
+            "+a:58:0a:01:00:05",
+            "0a:58:0a:01:00:-5",
         ] {
             assert_eq!(parse(bad), None, "{bad}");
         }

@@ -186,6 +186,10 @@ pub fn validate_ifname(name: &str) -> Result<()> {
     if name == "." || name == ".." {
         return err("interface name is . or ..");
     }
+    // Only a config can carry one (a bridge name, say): the kernel would cut it there.
+    if name.contains('\0') {
+        return err("interface name contains a NUL character");
+    }
     if name
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace())

@@ -175,7 +175,7 @@ fn env_errors() {
 
 #[test]
 fn identifier_errors() {
-    let cases: [(&str, &str, u32, &str, &str); 8] = [
+    let cases: [(&str, &str, u32, &str, &str); 9] = [
         (
             "CNI_CONTAINERID",
             "-bad/id",
@@ -220,6 +220,13 @@ fn identifier_errors() {
         ),
         ("CNI_IFNAME", ".", 4, "interface name is . or ..", ""),
         ("CNI_IFNAME", "..", 4, "interface name is . or ..", ""),
+        (
+            "CNI_IFNAME",
+            "eth\u{0}1",
+            4,
+            "interface name contains a NUL character",
+            "",
+        ),
     ];
     for (var, val, code, msg, details) in cases {
         let mut env = full_env("DEL");
