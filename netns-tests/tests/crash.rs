@@ -193,7 +193,8 @@ impl Node {
         let mut ips = BTreeSet::new();
         let mut ports = BTreeSet::new();
         for word in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
-            if word.starts_with("10.130.") && !word.ends_with(".0") {
+            // The pod subnet itself (10.130.0.0/22) is named by the masquerade rules.
+            if word.starts_with("10.130.") && word != "10.130.0.0" {
                 ips.insert(word.to_owned());
             } else if let Ok(p) = word.parse::<usize>()
                 && (FIRST_PORT..FIRST_PORT + OPS).contains(&p)
