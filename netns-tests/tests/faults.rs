@@ -240,6 +240,35 @@ fn every_bridge_add_step_fails_cleanly_and_crashes_recoverably() {
     ok("DEL", "keeper", &keeper);
 }
 
+/// host-local alone, as another plugin (the reference bridge, say) execs it.
+#[test]
+fn every_host_local_add_step_fails_cleanly_and_crashes_recoverably() {
+    let Some(w) = World::new("fh") else { return };
+    // What bridge hands its IPAM plugin: the whole network config.
+    let conf = w.bridge_conf();
+    let ok = |cmd: &str, cid: &str, pod: &TestNetns| {
+        let out = w.attach("host-local", cmd, cid, pod.path(), &conf).run();
+        assert_eq!(out.status, 0, "{cmd} {cid}: {out:?}");
+    };
+    let keeper = TestNetns::new();
+    ok("ADD", "keeper", &keeper);
+    let probe = TestNetns::new();
+    let points = w.trace(w.attach("host-local", "ADD", "probe", probe.path(), &conf));
+    ok("DEL", "probe", &probe);
+    assert_eq!(points, ["host-local.reserved"]);
+    let flow = Flow {
+        prepare: &|_, _| {},
+        add: &|cid, pod, fault| {
+            let inv = w.attach("host-local", "ADD", cid, pod.path(), &conf);
+            inv.var("WEFT_FAULT", fault).run()
+        },
+        del: &|cid, pod| ok("DEL", cid, pod),
+        gc: &|| w.gc("host-local", &conf, &["keeper"]),
+    };
+    let injected = each_point(&w, &points, &flow);
+    report("host-local", &points, injected);
+}
+
 /// The first ADD on a node creates the bridge: failing at any step removes it
 /// again, and every other trace of the attempt.
 #[test]
