@@ -179,15 +179,19 @@ impl EtcdSource {
             }
         };
         let path = self.lease_key(&key);
+        let value = attrs.to_json();
+        // The key is read back when the guard fails: a retried attempt (see `call`)
+        // whose first one did land finds our own put, which is a win, not a lost race.
         let txn = Txn::new()
             .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
-                path,
-                attrs.to_json(),
+                path.clone(),
+                value.clone(),
                 Some(PutOptions::new().with_lease(id)),
-            )]);
+            )])
+            .or_else([TxnOp::get(path, None)]);
         let won = match call(&self.client, async |mut c| c.txn(txn.clone()).await).await {
-            Ok(resp) => resp.succeeded(),
+            Ok(resp) => resp.succeeded() || holds_our_put(&resp, id, &value),
             Err(e) => {
                 if reuse.is_none() {
                     self.revoke(id).await;
@@ -582,6 +586,18 @@ fn previous(
     (!clash).then_some(key)
 }
 
+/// The failed-guard branch of [`EtcdSource::create`]'s txn found the key holding
+/// exactly what we put, under our etcd lease.
+fn holds_our_put(resp: &etcd_client::TxnResponse, id: i64, value: &str) -> bool {
+    resp.op_responses().iter().any(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.lease() == id && kv.value() == value.as_bytes()),
+        _ => false,
+    })
+}
+
 const CERT: &str = "CERTIFICATE-----";
 
 fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, LeaseError> {
@@ -638,9 +654,10 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, LeaseError> {
 /// a renewal failed (and weftd waited a minute), a watch backed off.
 ///
 /// For RPCs that are safe to repeat: reads, keep-alives, revokes and the guarded
-/// txns (a repeated txn whose first attempt did land finds its guard false, which
-/// the callers take as a lost race and resolve on a fresh listing). A lease grant
-/// is not: see [`call_unsent`].
+/// txns (a repeated txn whose first attempt did land finds its guard false: the
+/// create txn reads the key back then and counts its own put as a win; the others
+/// are resolved as a lost race on a fresh listing). A lease grant is not: see
+/// [`call_unsent`].
 async fn call<T>(
     client: &Client,
     f: impl AsyncFn(Client) -> Result<T, etcd_client::Error>,
