@@ -129,21 +129,27 @@ pub(crate) fn open() -> std::io::Result<Socket> {
 /// whole batch inside sendmsg, queueing every reply before the first is read: an ack
 /// costs ~1 KiB of receive buffer (its skb's true size), so the default (208 KiB)
 /// overflows (ENOBUFS, replies lost) at ~200 messages. Errors echo only the failed
-/// message's header (NETLINK_CAP_ACK). nft sizes its buffers the same way.
-pub(crate) fn size_for_batch(sock: &Socket, bytes: usize, messages: usize) -> std::io::Result<()> {
+/// message's header (NETLINK_CAP_ACK). As nft does: the FORCE options pass over
+/// net.core.[rw]mem_max but need CAP_NET_ADMIN in the initial user namespace; without
+/// it the plain ones, capped at the maximum, are the best there is. Best effort: a
+/// batch too large for what was granted fails with the kernel's own error.
+pub(crate) fn size_for_batch(sock: &Socket, bytes: usize, messages: usize) {
     let fd = sock.as_raw_fd();
-    setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
-    // FORCE passes over net.core.[rw]mem_max; it needs CAP_NET_ADMIN, which a
-    // plugin changing nftables has anyway.
+    let _ = setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
     let wanted = |n: usize| i32::try_from(n + 65536).unwrap_or(i32::MAX);
-    let (send, receive) = (wanted(bytes), wanted(messages.saturating_mul(2048)));
-    if send > DEFAULT_BUFFER {
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, send)?;
+    let sizes = [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, wanted(bytes)),
+        (
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            wanted(messages.saturating_mul(2048)),
+        ),
+    ];
+    for (force, plain, size) in sizes.into_iter().filter(|s| s.2 > DEFAULT_BUFFER) {
+        if setsockopt(fd, libc::SOL_SOCKET, force, size).is_err() {
+            let _ = setsockopt(fd, libc::SOL_SOCKET, plain, size);
+        }
     }
-    if receive > DEFAULT_BUFFER {
-        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, receive)?;
-    }
-    Ok(())
 }
 
 /// net.core.[rw]mem_default's usual value.

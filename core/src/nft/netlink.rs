@@ -199,8 +199,7 @@ pub(super) fn apply(ops: &[(&ElemOp, &str)]) -> Result<(), NftError> {
     let elem_ops: Vec<&ElemOp> = ops.iter().map(|(op, _)| *op).collect();
     let sock = crate::nfnetlink::open().map_err(|e| io_err("socket", e))?;
     let msg = batch(&elem_ops);
-    crate::nfnetlink::size_for_batch(&sock, msg.len(), ops.len())
-        .map_err(|e| io_err("setsockopt", e))?;
+    crate::nfnetlink::size_for_batch(&sock, msg.len(), ops.len());
     sock.send(&msg, 0).map_err(|e| io_err("send", e))?;
     let mut pending = ops.len();
     let mut errors = Vec::new();
