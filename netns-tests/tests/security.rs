@@ -676,7 +676,7 @@ fn symlinks_in_state_dirs_are_replaced_not_written_through() {
 
 /// A link planted as host-local's network directory, `last_reserved_ip.0`,
 /// `.weft-owners` or `lock` (the reference follows them all) never makes ADD write
-/// or create the file it points at: the store opens every file O_NOFOLLOW and
+/// or create the file it points at: the store opens every file O_NOFOLLOW, and ADD
 /// refuses a network directory that is a symlink.
 #[test]
 fn host_local_never_writes_through_a_planted_symlink() {
@@ -690,22 +690,63 @@ fn host_local_never_writes_through_a_planted_symlink() {
     let canary_before = tree(&canary);
     let link =
         |target: &str, at: PathBuf| std::os::unix::fs::symlink(canary.join(target), at).unwrap();
-    // The network's directory itself.
+    // One network per planted link, so each is met on its own: the network's
+    // directory itself, then the three files inside a real one.
     link("other", data.join("ipam/n1"));
-    // Files inside a real network directory.
-    let net = data.join("ipam/n2");
-    std::fs::DirBuilder::new().mode(0o700).create(&net).unwrap();
-    link("last", net.join("last_reserved_ip.0"));
-    link("cache", net.join(".weft-owners"));
-    link("new-lock", net.join("lock"));
-    for name in ["n1", "n2"] {
+    for (name, file, target) in [
+        ("n2", "last_reserved_ip.0", "last"),
+        ("n3", ".weft-owners", "cache"),
+        ("n4", "lock", "new-lock"),
+    ] {
+        let net = data.join("ipam").join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&net).unwrap();
+        link(target, net.join(file));
+    }
+    // Refused where writing would follow the link (an I/O error naming the path); the
+    // cache is only a cache: it is ignored, and the ADD goes on without it.
+    for (name, refused_at) in [
+        ("n1", Some("ipam/n1")),
+        ("n2", Some("last_reserved_ip.0")),
+        ("n3", None),
+        ("n4", Some("lock")),
+    ] {
         let conf = site.conf("host-local", name, &data);
         let out = site
             .pod_call("host-local", "ADD", "c1", "eth0", &conf)
             .run();
-        eprintln!("ADD on {name}: {out}");
+        match refused_at {
+            Some(path) => {
+                let e = out.err();
+                assert_eq!(e.code, 999, "{name}: {out}");
+                assert!(
+                    e.msg.contains(path) && e.msg.contains("symbolic links"),
+                    "{name}: {}",
+                    e.msg
+                );
+            }
+            None => assert_eq!(out.status, 0, "{name}: {out}"),
+        }
     }
     assert_eq!(tree(&canary), canary_before, "written through a link");
+    // DEL still works where the directory is a link (an install that set one up
+    // can release what it holds: its lock and cache then live where the link
+    // points), but never takes a planted lock.
+    for name in ["n1", "n2", "n3", "n4"] {
+        let conf = site.conf("host-local", name, &data);
+        let out = site
+            .pod_call("host-local", "DEL", "c1", "eth0", &conf)
+            .run();
+        if name == "n4" {
+            let e = out.err();
+            assert!(
+                e.msg
+                    .ends_with("lock: Too many levels of symbolic links (os error 40)"),
+                "{out}"
+            );
+        } else {
+            assert_eq!(out.status, 0, "DEL {name}: {out}");
+        }
+    }
 }
 
 // --- modes ----------------------------------------------------------------------------

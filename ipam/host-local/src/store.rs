@@ -85,10 +85,11 @@ impl Store {
         } else if !dir.is_dir() {
             return Ok(None);
         }
-        // The network's directory, like every file in it, is never a symlink: state
-        // is not written through a link planted to elsewhere. (dataDir above may be.)
+        // ADD does not write new state through a link planted as the network's
+        // directory (dataDir above may be one). DEL, GC, CHECK and STATUS still work on
+        // such a directory: an install that set one up must be able to release.
         let meta = std::fs::symlink_metadata(dir).map_err(|e| CniError::io(dir.display(), e))?;
-        if meta.file_type().is_symlink() {
+        if create && meta.file_type().is_symlink() {
             let e = std::io::Error::from_raw_os_error(libc::ELOOP);
             return Err(CniError::io(dir.display(), e));
         }
