@@ -164,7 +164,8 @@ impl Invocation {
     fn run_and_kill(&self, kill_after: Option<std::time::Duration>) -> Outcome {
         assert!(
             self.binary.exists(),
-            "build the plugins first: cargo build --release (looked for {})",
+            "build the plugins first: cargo build --release --workspace --bins, and without \
+             --release for the fault-injection builds (looked for {})",
             self.binary.display()
         );
         let mut cmd = match &self.node {
@@ -361,9 +362,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(
-        expected = "build the plugins first: cargo build --release (looked for /nonexistent/p)"
-    )]
+    #[should_panic(expected = "build the plugins first: cargo build --release --workspace --bins")]
     fn missing_binary_says_how_to_fix() {
         Invocation::new("/nonexistent/p").run();
     }

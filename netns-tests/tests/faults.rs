@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long background deletions (DEL's, the kernel's for a dead netns) may take.
-const SETTLE: Duration = Duration::from_secs(5);
+/// Generous: the kernel tears namespaces down on one work queue, and the tests run
+/// in parallel; waiting ends as soon as the state is back.
+const SETTLE: Duration = Duration::from_secs(20);
 
 struct World {
     node: TestNetns,
@@ -510,11 +512,17 @@ fn the_netns_vanishing_mid_add_leaves_nothing_after_del() {
     for point in ["bridge.veth", "bridge.ipam", "bridge.l3"] {
         let pod = TestNetns::new();
         let path = pod.path().to_path_buf();
+        let trace = w.dir.join(format!("trace-{point}"));
         let inv = w
             .attach("bridge", "ADD", "victim", &path, &conf)
-            .var("WEFT_FAULT", format!("{point}:pause=400"));
+            .var("WEFT_FAULT", format!("{point}:pause=1000"))
+            .var("WEFT_FAULT_TRACE", trace.display().to_string());
         let add = std::thread::spawn(move || inv.run());
-        std::thread::sleep(Duration::from_millis(150));
+        // The namespace goes once the plugin is paused at the point, not before.
+        netns_tests::weftd_cluster::wait_for(point, SETTLE, || {
+            let reached = std::fs::read_to_string(&trace).unwrap_or_default();
+            reached.lines().any(|l| l == point).then_some(())
+        });
         drop(pod);
         let out = add.join().unwrap();
         // Finished on the namespace it held open, or failed cleanly: either way
