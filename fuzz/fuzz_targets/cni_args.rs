@@ -91,12 +91,15 @@ fn names(s: &str) {
         Err(e) => assert_eq!(e.code, code::INVALID_NETWORK_CONFIG),
     }
 
-    // Linux IFNAMSIZ is 16 with the NUL; the reference's ValidateInterfaceName rules.
+    // Linux IFNAMSIZ is 16 with the NUL; the reference's ValidateInterfaceName rules,
+    // and no NUL inside (the kernel would cut the name there).
     let ifname_ok = !s.is_empty()
         && s.len() <= 15
         && s != "."
         && s != ".."
-        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && !s
+            .chars()
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace());
     match validate_ifname(s) {
         Ok(()) => assert!(ifname_ok, "ifname {s:?} accepted"),
         Err(e) => {
