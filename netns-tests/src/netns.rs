@@ -117,6 +117,18 @@ impl TestNetns {
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("{argv:?} printed non-JSON ({e}): {out}"))
     }
+
+    /// The names of this namespace's links, in the kernel's order.
+    pub fn link_names(&self) -> Vec<String> {
+        let links = self.exec_json(&["ip", "-j", "link", "show"]);
+        let links = links
+            .as_array()
+            .expect("`ip -j link` prints an array")
+            .iter();
+        links
+            .map(|l| l["ifname"].as_str().expect("a link has a name").to_owned())
+            .collect()
+    }
 }
 
 impl Default for TestNetns {

@@ -60,30 +60,10 @@ impl Node {
             .ifname(ifname)
     }
 
-    fn links(&self) -> Vec<String> {
-        let links = self.ns.exec_json(&["ip", "-j", "link", "show"]);
-        links
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["ifname"].as_str().unwrap().to_string())
-            .collect()
-    }
-
     /// host-local reservation files (named by an address) of this network.
     fn reservations(&self) -> usize {
         netns_tests::reservations(&self.dir.join(&self.name)).len()
     }
-}
-
-fn pod_links(pod: &TestNetns) -> Vec<String> {
-    let links = pod.exec_json(&["ip", "-j", "link", "show"]);
-    links
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["ifname"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// The pod's links once DEL's background deletion of retired interfaces (`wdel…`)
@@ -91,7 +71,7 @@ fn pod_links(pod: &TestNetns) -> Vec<String> {
 fn pod_links_after_del(pod: &TestNetns) -> Vec<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let links = pod_links(pod);
+        let links = pod.link_names();
         if !links.iter().any(|l| l.starts_with("wdel")) || std::time::Instant::now() > deadline {
             return links;
         }
@@ -162,9 +142,9 @@ fn add_check_del_dual_stack() {
     node.run("DEL", "c1", &pod, "eth0", &conf).ok();
     assert_eq!(pod_links_after_del(&pod), ["lo"]);
     assert!(
-        !node.links().iter().any(|l| l.starts_with("veth")),
+        !node.ns.link_names().iter().any(|l| l.starts_with("veth")),
         "{:?}",
-        node.links()
+        node.ns.link_names()
     );
     assert_eq!(node.reservations(), 0);
     node.run("DEL", "c1", &pod, "eth0", &conf).ok();
@@ -199,15 +179,16 @@ fn failed_add_rolls_back() {
     node.run("ADD", "a", &a, "eth0", &conf).ok(); // takes the only address
     let e = node.run("ADD", "b", &b, "eth0", &conf).err();
     assert_eq!(e.code, 100);
-    assert_eq!(pod_links(&b), ["lo"], "the pod's veth was removed");
+    assert_eq!(b.link_names(), ["lo"], "the pod's veth was removed");
     assert_eq!(
-        node.links()
+        node.ns
+            .link_names()
             .iter()
             .filter(|l| l.starts_with("veth"))
             .count(),
         1,
         "{:?}",
-        node.links()
+        node.ns.link_names()
     );
     assert_eq!(node.reservations(), 1);
 
@@ -220,11 +201,11 @@ fn failed_add_rolls_back() {
         e.msg
     );
     assert!(
-        !node.links().contains(&"wb3".to_string()),
+        !node.ns.link_names().contains(&"wb3".to_string()),
         "{:?}",
-        node.links()
+        node.ns.link_names()
     );
-    assert_eq!(pod_links(&b), ["lo"]);
+    assert_eq!(b.link_names(), ["lo"]);
 }
 
 #[test]
@@ -307,8 +288,8 @@ fn bad_configs_change_nothing() {
             )
             .err();
         assert_eq!(e.code, code, "{extra}: {}", e.msg);
-        assert_eq!(node.links(), ["lo"], "{extra}");
-        assert_eq!(pod_links(&pod), ["lo"], "{extra}");
+        assert_eq!(node.ns.link_names(), ["lo"], "{extra}");
+        assert_eq!(pod.link_names(), ["lo"], "{extra}");
         assert_eq!(node.reservations(), 0, "{extra}");
     }
 }
@@ -321,7 +302,7 @@ fn own_netns_is_refused() {
     let e = node.run("ADD", "a", &node.ns, "eth0", &conf).err();
     assert_eq!(e.code, 4);
     assert!(e.msg.contains("own network namespace"), "{}", e.msg);
-    assert_eq!(node.links(), ["lo"]);
+    assert_eq!(node.ns.link_names(), ["lo"]);
     assert_eq!(node.reservations(), 0);
 }
 
@@ -564,7 +545,7 @@ fn force_address_replaces_a_foreign_gateway() {
         "failed to set bridge addr: \"wb12\" already has an IP address different from 10.98.0.1/24"
     );
     assert_eq!(
-        (pod_links(&pod), node.reservations()),
+        (pod.link_names(), node.reservations()),
         (vec!["lo".to_string()], 0),
         "rolled back"
     );
@@ -651,11 +632,11 @@ fn failing_masquerade_rolls_back_veth_and_address() {
         .var("WEFT_NFT", "/bin/false")
         .run();
     assert_eq!(out.err().code, 999);
-    assert_eq!(pod_links(&pod), ["lo"]);
+    assert_eq!(pod.link_names(), ["lo"]);
     assert!(
-        !node.links().iter().any(|l| l.starts_with("veth")),
+        !node.ns.link_names().iter().any(|l| l.starts_with("veth")),
         "{:?}",
-        node.links()
+        node.ns.link_names()
     );
     assert_eq!(node.reservations(), 0);
 }
@@ -801,7 +782,7 @@ fn bad_netns_or_foreign_link_change_nothing() {
     ] {
         let e = node.pod_call("ADD", "a", &netns, "eth0", &conf).run().err();
         assert_eq!(e.code, code, "{netns}: {}", e.msg);
-        assert_eq!(node.links(), ["lo"]);
+        assert_eq!(node.ns.link_names(), ["lo"]);
     }
     node.ns.exec_ok(&[
         "ip", "link", "add", "wb18", "type", "veth", "peer", "name", "wb18p",
@@ -812,7 +793,7 @@ fn bad_netns_or_foreign_link_change_nothing() {
         (7, "\"wb18\" already exists but is not a bridge")
     );
     assert_eq!(
-        (pod_links(&pod), node.reservations()),
+        (pod.link_names(), node.reservations()),
         (vec!["lo".to_string()], 0)
     );
 }
@@ -955,19 +936,20 @@ fn del_frees_the_interface_at_once_and_deletes_it_in_the_background() {
     let links = pod_links_after_del(&pod);
     assert_eq!(links, ["lo", "eth0"]);
     let veths = node
-        .links()
+        .ns
+        .link_names()
         .into_iter()
         .filter(|l| l.starts_with("veth"))
         .count();
-    assert_eq!(veths, 2, "{:?}", node.links());
+    assert_eq!(veths, 2, "{:?}", node.ns.link_names());
     for (p, cid) in [(&pod, "a"), (&peer, "p")] {
         node.run("DEL", cid, p, "eth0", &conf).ok();
         assert_eq!(pod_links_after_del(p), ["lo"]);
     }
     assert!(
-        !node.links().iter().any(|l| l.starts_with("veth")),
+        !node.ns.link_names().iter().any(|l| l.starts_with("veth")),
         "{:?}",
-        node.links()
+        node.ns.link_names()
     );
     assert_eq!(node.reservations(), 0);
 }

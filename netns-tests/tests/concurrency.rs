@@ -615,7 +615,7 @@ fn verify_node(
     let leftovers = pool(gone, 16, |&p| {
         let links = poll(
             Duration::from_secs(10),
-            || pod_links(&pods[p]),
+            || pods[p].link_names(),
             |l| l == &["lo"],
         );
         (links != ["lo"]).then(|| format!("{at}: deleted pod #{p} still has {links:?}"))
@@ -683,15 +683,6 @@ fn verify_masq(node: &Node, net: &Net, want: &BTreeMap<IpAddr, String>, at: &str
                 .push(format!("{at}: live {ip} lacks its masquerade elements"));
         }
     }
-}
-
-fn pod_links(pod: &TestNetns) -> Vec<String> {
-    let v = pod.exec_json(&["ip", "-j", "link", "show"]);
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// Each live pod has its address on eth0 and reaches its gateway (ping).
@@ -1103,7 +1094,7 @@ impl PmNode {
         let leftovers = pool(gone, 16, |&p| {
             let links = poll(
                 Duration::from_secs(10),
-                || pod_links(&pods[p]),
+                || pods[p].link_names(),
                 |l| l == &["lo"],
             );
             (links != ["lo"]).then(|| format!("{at}: pod #{p} still has {links:?}"))

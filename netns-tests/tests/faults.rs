@@ -129,16 +129,8 @@ impl World {
 /// Wait for DEL's background deletion of the pod's interface.
 fn settled(pod: &TestNetns) {
     netns_tests::weftd_cluster::wait_for("the pod's interface to go", SETTLE, || {
-        (pod_links(pod) == ["lo"]).then_some(())
+        (pod.link_names() == ["lo"]).then_some(())
     });
-}
-
-fn pod_links(pod: &TestNetns) -> Vec<String> {
-    let links = pod.exec_json(&["ip", "-j", "link", "show"]);
-    let names = links.as_array().unwrap().iter();
-    names
-        .map(|l| l["ifname"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// How a runtime drives one attachment of the plugin under test.
@@ -180,7 +172,7 @@ fn each_point(w: &World, points: &[String], flow: &Flow) -> usize {
         assert_eq!(out.status, 137, "{p}: {out:?}");
         (flow.del)("victim", &pod);
         w.assert_back(&before, &format!("DEL after a kill at {p}"));
-        assert_eq!(pod_links(&pod), ["lo"], "{p}");
+        assert_eq!(pod.link_names(), ["lo"], "{p}");
 
         let gone = TestNetns::new();
         (flow.prepare)("lost", &gone);
@@ -295,7 +287,7 @@ fn a_failed_first_add_leaves_no_bridge() {
         assert_eq!(e.code, 999, "{p}");
         let diff = before.diff(&w.state());
         assert!(diff.is_empty(), "first ADD failing at {p} left {diff:#?}");
-        assert_eq!(pod_links(&pod), ["lo"], "{p}");
+        assert_eq!(pod.link_names(), ["lo"], "{p}");
     }
     report("first ADD on a node", &points, points.len());
 }
@@ -486,7 +478,7 @@ fn a_full_data_dir_fails_the_add_and_leaves_nothing() {
         e.code
     );
     w.assert_back(&before, "ENOSPC in the dataDir");
-    assert_eq!(pod_links(&pod), ["lo"]);
+    assert_eq!(pod.link_names(), ["lo"]);
     // DEL still works on a full disk (it frees space).
     let out = w
         .attach("bridge", "DEL", "keeper", keeper.path(), &conf)
