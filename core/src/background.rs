@@ -9,37 +9,93 @@
 
 use crate::error::Result;
 use nix::unistd::{ForkResult, fork};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Run `work` in a detached grandchild process (own session, stdio on /dev/null, so
 /// the runtime reading our stdout sees EOF when we exit), or inline when forking is
 /// not safe (more than one thread) or fails. Errors of the detached work are logged.
 pub fn run(what: &str, work: impl FnOnce() -> Result<()>) {
+    let detached = || {
+        detach_stdio();
+        logged(what, work)
+    };
+    if let Err(inline) = in_grandchild(detached) {
+        inline()
+    }
+}
+
+/// Close `fd` in a detached process once this one has exited, for a descriptor whose
+/// last close blocks in the kernel. The one in mind: closing a NETLINK_NETFILTER
+/// socket makes nf_tables finish releasing what the socket's transactions deleted,
+/// which waits for an RCU grace period (~10 ms, most of a portmap DEL); nothing the
+/// runtime can observe depends on it. Waiting for our exit (EOF on a pipe only we
+/// hold open) makes the detached close the last one; the detached process keeps
+/// no other descriptor, so no lock of ours outlives us in it.
+pub fn close(fd: OwnedFd) {
+    let Ok((exited, alive)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        return drop(fd);
+    };
+    let keep = [fd.as_raw_fd(), exited.as_raw_fd()];
+    let detached = move || {
+        close_all_but(&keep);
+        let mut b = [0u8; 1];
+        while matches!(
+            nix::unistd::read(&exited, &mut b),
+            Err(nix::errno::Errno::EINTR)
+        ) {}
+        drop(fd);
+    };
+    match in_grandchild(detached) {
+        // Open until we exit; exec'd children do not inherit it (O_CLOEXEC).
+        Ok(()) => std::mem::forget(alive),
+        // Not detached: close here (dropping the work closes what it holds).
+        Err(not_run) => drop(not_run),
+    }
+}
+
+/// Run `f` in a grandchild in a session of its own, adopted by init or the runtime's
+/// subreaper once its parent (which exits at once) is reaped here; `Err(f)` when
+/// forking is not safe (more than one thread) or fails. In this process, `f` and what
+/// it owns are dropped.
+fn in_grandchild<F: FnOnce()>(f: F) -> std::result::Result<(), F> {
     if !single_threaded() {
-        return logged(what, work);
+        return Err(f);
     }
     // SAFETY: this process has a single thread (checked above), so the child is a
     // consistent copy of it: allocation, locks and libraries are all usable there.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
-            // The child forks the worker and exits at once: reaping it here makes the
-            // worker an orphan, adopted (and reaped) by init or the runtime's subreaper.
             let _ = nix::sys::wait::waitpid(child, None);
+            Ok(())
         }
         Ok(ForkResult::Child) => {
             // SAFETY: still single-threaded, as above.
             if let Ok(ForkResult::Child) = unsafe { fork() } {
                 let _ = nix::unistd::setsid();
-                detach_stdio();
-                logged(what, work);
+                f();
             }
             // SAFETY: _exit skips atexit handlers and stdio flushing, which belong to
             // the parent.
             unsafe { libc::_exit(0) }
         }
         Err(e) => {
-            crate::debug!("fork for {what} failed ({e}); doing it now");
-            logged(what, work)
+            crate::debug!("fork failed ({e}); doing it now");
+            Err(f)
         }
+    }
+}
+
+/// Close every descriptor of this process but `keep` (stdio included).
+fn close_all_but(keep: &[RawFd]) {
+    let mut from = 0u32;
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
+    keep.sort_unstable();
+    for k in keep.into_iter().chain([u32::MAX]) {
+        if k > from {
+            // SAFETY: close_range on this (detached) process's own descriptors.
+            unsafe { libc::close_range(from, k - 1, 0) };
+        }
+        from = k.saturating_add(1);
     }
 }
 
@@ -61,9 +117,31 @@ fn detach_stdio() {
     else {
         return;
     };
-    use std::os::fd::AsRawFd;
     for fd in 0..3 {
         // SAFETY: plain dup2 onto the standard descriptors of this (child) process.
         unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    }
+
+    #[test]
+    fn close_in_a_threaded_process_closes_only_that_descriptor() {
+        // The test harness runs threads, so nothing forks: the close happens here,
+        // and every other descriptor of the process stays open.
+        let _thread = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(1)));
+        let (a, b) = nix::unistd::pipe().unwrap();
+        let raw = a.as_raw_fd();
+        close(a);
+        assert!(!is_open(raw));
+        assert!(is_open(b.as_raw_fd()));
+        assert!(is_open(0) || is_open(1) || is_open(2));
     }
 }
