@@ -26,8 +26,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::OnceLock;
 
+mod nexthop;
 mod overlay;
+pub use nexthop::Nexthop;
+use nexthop::NexthopSocket;
 pub use overlay::{Fdb, Neigh, NetOp, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanInfo, VxlanSpec};
+
+const NETLINK_ROUTE: isize = 0;
 
 /// A link as the plugins see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +100,8 @@ fn fail(what: impl std::fmt::Display, e: rtnetlink::Error) -> CniError {
 /// A netlink route handle bound to one network namespace.
 pub struct Netlink {
     handle: Handle,
+    /// For nexthop objects, which rtnetlink cannot express; same namespace.
+    nexthops: std::sync::Mutex<NexthopSocket>,
 }
 
 impl Netlink {
@@ -104,25 +111,41 @@ impl Netlink {
             let (conn, handle, _) =
                 rtnetlink::new_connection().map_err(|e| CniError::io("netlink socket", e))?;
             tokio::spawn(conn);
-            Ok(Netlink { handle })
+            let nexthops = netlink_sys::Socket::new(NETLINK_ROUTE)
+                .and_then(NexthopSocket::new)
+                .map_err(|e| CniError::io("netlink socket", e))?;
+            Ok(Netlink {
+                handle,
+                nexthops: nexthops.into(),
+            })
         })
     }
 
     /// The namespace `ns`, through a socket opened inside it.
     pub fn in_netns(ns: &NetNs) -> Result<Netlink> {
-        let socket = ns.netlink_socket(0 /* NETLINK_ROUTE */)?;
+        let socket = ns.netlink_socket(NETLINK_ROUTE)?;
+        let nexthops = NexthopSocket::new(ns.netlink_socket(NETLINK_ROUTE)?)
+            .map_err(|e| CniError::io("netlink socket", e))?;
         let fd = socket.into_raw_fd();
         runtime().block_on(async {
             // SAFETY: we own `fd`, just released by the socket; TokioSocket takes it over.
             let socket = unsafe { rtnetlink::sys::TokioSocket::from_raw_fd(fd) };
             let (conn, handle, _) = rtnetlink::from_socket(socket);
             tokio::spawn(conn);
-            Ok(Netlink { handle })
+            Ok(Netlink {
+                handle,
+                nexthops: nexthops.into(),
+            })
         })
     }
 
     fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         runtime().block_on(f)
+    }
+
+    /// The nexthop socket, one request batch at a time.
+    fn nexthops(&self) -> std::sync::MutexGuard<'_, NexthopSocket> {
+        self.nexthops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The link called `name`, if there is one (a GET by name, not a dump).

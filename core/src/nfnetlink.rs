@@ -68,15 +68,24 @@ pub(crate) fn message(
     res_id: u16,
     attrs: &[u8],
 ) {
-    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    let mut body = Vec::with_capacity(NFGENMSG_LEN + attrs.len());
+    body.extend([family, 0]);
+    body.extend(res_id.to_be_bytes());
+    body.extend(attrs);
+    frame(buf, kind, flags, seq, &body);
+}
+
+/// Append one netlink message of any family: the header (port id 0: the kernel fills
+/// in ours) and `body`, padded to 4 bytes.
+pub(crate) fn frame(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body: &[u8]) {
+    let len = NLMSG_HDRLEN + body.len();
     buf.extend((len as u32).to_ne_bytes());
     buf.extend(kind.to_ne_bytes());
     buf.extend(flags.to_ne_bytes());
     buf.extend(seq.to_ne_bytes());
     buf.extend(0u32.to_ne_bytes());
-    buf.extend([family, 0]);
-    buf.extend(res_id.to_be_bytes());
-    buf.extend(attrs);
+    buf.extend(body);
+    buf.resize(buf.len().next_multiple_of(4), 0);
 }
 
 /// One message of a reply datagram.

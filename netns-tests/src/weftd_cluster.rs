@@ -824,6 +824,17 @@ pub fn network_addr(subnet: &str) -> &str {
     subnet.split('/').next().expect("a CIDR")
 }
 
+/// How `ip route show proto 87` prints weft's route to an IPv4 peer `subnet` via
+/// `gw` on `dev`: through the nexthop object whose id is the subnet's address.
+pub fn peer_route_line(subnet: &str, gw: &str, dev: &str, onlink: bool) -> String {
+    let addr: std::net::Ipv4Addr = network_addr(subnet).parse().expect("an IPv4 subnet");
+    let onlink = if onlink { " onlink" } else { "" };
+    format!(
+        "{subnet} nhid {} via {gw} dev {dev}{onlink}",
+        u32::from(addr)
+    )
+}
+
 /// The value of sample `name` (no labels) in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<String> {
     text.lines()

@@ -9,6 +9,8 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
+use weft_core::backend::{DataPlane, ExtLink, Kind};
+use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::netlink::{
     Fdb, Neigh, NetOp, Netlink, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanInfo, VxlanSpec,
 };
@@ -579,6 +581,7 @@ fn fdb_on_an_ipv6_vxlan() {
         oif: Some(vx),
         onlink: true,
         protocol: PROTO,
+        nh: None,
     };
     n.nl.replace_owned_route(&r).unwrap();
     assert_eq!(n.nl.owned_routes(false, PROTO).unwrap(), [r]);
@@ -644,6 +647,7 @@ fn owned_routes_replace_list_delete() {
         oif: Some(vx),
         onlink: true,
         protocol: PROTO,
+        nh: None,
     };
     n.nl.replace_owned_route(&vxr).unwrap();
     n.nl.replace_owned_route(&vxr).unwrap(); // idempotent
@@ -654,6 +658,7 @@ fn owned_routes_replace_list_delete() {
         oif: None,
         onlink: false,
         protocol: PROTO,
+        nh: None,
     };
     n.nl.replace_owned_route(&hgw).unwrap();
     // Routes that are not ours, to the side.
@@ -746,6 +751,7 @@ fn owned_routes_replace_list_delete() {
         oif: None,
         onlink: false,
         protocol: PROTO,
+        nh: None,
     };
     assert!(!n.nl.del_owned_route(&foreign).unwrap());
     assert_eq!(n.nl.owned_routes(true, 201).unwrap().len(), 1);
@@ -800,6 +806,7 @@ fn apply_ops_results_follow_op_order() {
         oif: Some(vx),
         onlink: true,
         protocol: PROTO,
+        nh: None,
     };
     let off_link = OwnedRoute {
         onlink: false,
@@ -895,6 +902,7 @@ fn ten_thousand_peers_through_apply_ops() {
                 oif: Some(vx),
                 onlink: true,
                 protocol: PROTO,
+                nh: None,
             },
         )
     };
@@ -1131,6 +1139,7 @@ fn traffic_crosses_the_overlay() {
                 oif: Some(dev),
                 onlink: true,
                 protocol: PROTO,
+                nh: None,
             })
             .unwrap();
         }
@@ -1156,4 +1165,136 @@ fn traffic_crosses_the_overlay() {
         stats[0]["stats64"]["rx"]["packets"].as_u64().unwrap() >= 2,
         "{stats}"
     );
+}
+
+/// A host-gw lease of `subnet` at `public`.
+fn host_gw_lease(subnet: &str, public: &str) -> Lease {
+    Lease {
+        key: SubnetKey {
+            v4: Some(subnet.parse().unwrap()),
+            v6: None,
+        },
+        attrs: LeaseAttrs {
+            public_ip: public.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: None,
+            backend_v6_data: None,
+        },
+        etcd_lease: 0,
+        ttl: None,
+    }
+}
+
+/// IPv4 peer routes go through nexthop objects of ours, whose id is the subnet's
+/// address; a nexthop of another owner with that id is never replaced or deleted
+/// (the route keeps its own gateway instead), and a resync repairs and removes
+/// nexthops like any other entry.
+#[test]
+fn peer_routes_use_nexthop_objects_of_ours_only() {
+    let Some(n) = node() else { return };
+    let id = |subnet: &str| u32::from(subnet.parse::<std::net::Ipv4Addr>().unwrap());
+    let (taken, free) = (id("10.244.5.0"), id("10.244.6.0"));
+    // Someone else's nexthop holds the id 10.244.5.0 would get.
+    let foreign = format!("id {taken} via 10.77.0.9 dev ul0 scope link proto static");
+    n.ns.exec_ok(&[
+        "ip",
+        "nexthop",
+        "add",
+        "id",
+        &taken.to_string(),
+        "via",
+        "10.77.0.9",
+        "dev",
+        "ul0",
+        "proto",
+        "static",
+    ]);
+    let ext = ExtLink {
+        index: n.ul,
+        mtu: 1500,
+        addrs: vec![net("10.77.0.1/24")],
+    };
+    let plane = DataPlane::prepare(&n.nl, Kind::HostGw, ext, Some(ip("10.77.0.1")), None).unwrap();
+    let peers = [
+        host_gw_lease("10.244.5.0/24", "10.77.0.5"),
+        host_gw_lease("10.244.6.0/24", "10.77.0.6"),
+    ];
+    let converge = |peers: &[Lease]| {
+        let (_, failed) = plane.converge(&n.nl, &plane.desired(peers)).unwrap();
+        failed.into_iter().map(|(_, e)| e.msg).collect::<Vec<_>>()
+    };
+    let nexthops = || {
+        let mut v: Vec<String> =
+            n.ns.exec_ok(&["ip", "nexthop", "show"])
+                .lines()
+                .map(|l| l.trim().to_string())
+                .collect();
+        v.sort();
+        v
+    };
+    let ours = format!("id {free} via 10.77.0.6 dev ul0 scope link proto 87");
+    let want_routes = [
+        "10.244.5.0/24 via 10.77.0.5 dev ul0".to_string(),
+        format!("10.244.6.0/24 nhid {free} via 10.77.0.6 dev ul0"),
+    ];
+
+    let failed = converge(&peers);
+    assert_eq!(
+        failed,
+        [format!(
+            "writing nexthop id {taken} via 10.77.0.5 dev #{} proto 87: the id is taken by a nexthop of protocol 4, not ours",
+            n.ul
+        )]
+    );
+    assert_eq!(ip_routes(&n.ns, true, 87), want_routes);
+    assert_eq!(nexthops(), [foreign.clone(), ours.clone()]);
+    assert_eq!(
+        n.nl.owned_nexthops(87)
+            .unwrap()
+            .iter()
+            .map(|h| h.id)
+            .collect::<Vec<_>>(),
+        [free]
+    );
+
+    // Deleting our nexthop by hand takes its route with it: both come back.
+    n.ns.exec_ok(&["ip", "nexthop", "del", "id", &free.to_string()]);
+    assert_eq!(ip_routes(&n.ns, true, 87), want_routes[..1]);
+    converge(&peers);
+    assert_eq!(ip_routes(&n.ns, true, 87), want_routes);
+    // A peer that moved: its nexthop is replaced in place.
+    let moved = [
+        peers[0].clone(),
+        host_gw_lease("10.244.6.0/24", "10.77.0.7"),
+    ];
+    converge(&moved);
+    assert_eq!(
+        ip_routes(&n.ns, true, 87)[1],
+        format!("10.244.6.0/24 nhid {free} via 10.77.0.7 dev ul0")
+    );
+    // A nexthop of ours that no route needs (a crash between the two writes) goes.
+    n.ns.exec_ok(&[
+        "ip",
+        "nexthop",
+        "add",
+        "id",
+        "4242",
+        "via",
+        "10.77.0.8",
+        "dev",
+        "ul0",
+        "proto",
+        "87",
+    ]);
+    converge(&moved);
+    assert_eq!(nexthops().len(), 2, "{:?}", nexthops());
+
+    // The peers leave: our routes and nexthop go, the foreign nexthop stays.
+    assert_eq!(converge(&[]), Vec::<String>::new());
+    assert_eq!(ip_routes(&n.ns, true, 87), Vec::<String>::new());
+    assert_eq!(nexthops(), std::slice::from_ref(&foreign));
+    // A delete of that id by the plan's op leaves it alone too.
+    assert!(n.nl.apply_ops(&[NetOp::DelNexthop(taken, 87)])[0].is_ok());
+    assert_eq!(nexthops(), [foreign]);
 }

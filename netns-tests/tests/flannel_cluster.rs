@@ -12,8 +12,8 @@
 
 use netns_tests::weftd_cluster::{
     Cluster, FLANNEL_NET, FlannelRuntime, NETWORK, Node, Pod, REACH, READY_TIMEOUT, SUBNETS,
-    VXLAN_CONFIG, Weftd, first_host, lease_key, lease_value, metric, network_addr, tcp_send,
-    tcp_transfer, wait_for, wait_ping,
+    VXLAN_CONFIG, Weftd, first_host, lease_key, lease_value, metric, network_addr, peer_route_line,
+    tcp_send, tcp_transfer, wait_for, wait_ping,
 };
 use netns_tests::{exec_line, require_root};
 use serde_json::{Value, json};
@@ -273,7 +273,7 @@ fn weftd_node_and_golden_flanneld_node_exchange_pod_traffic() {
     n1.wait_metric("weft_peers", "1", READY_TIMEOUT);
     let gw2 = network_addr(&s2);
     let want = (
-        vec![format!("{s2} via {gw2} dev flannel.1 onlink")],
+        vec![peer_route_line(&s2, gw2, "flannel.1", true)],
         vec![format!("{gw2} lladdr {GOLDEN_MAC} PERMANENT")],
         vec![format!("{GOLDEN_MAC} dst {} self permanent", n2.ip)],
     );

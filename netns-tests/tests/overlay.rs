@@ -11,7 +11,8 @@
 
 use netns_tests::weftd_cluster::{
     Cluster, DUAL_STACK_VXLAN_CONFIG, HOST_GW_CONFIG, NETWORK, NETWORK_V6, Node, Pod,
-    READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key, metric, network_addr, tcp_transfer, wait_for,
+    READY_TIMEOUT, VXLAN_CONFIG, Weftd, lease_key, metric, network_addr, peer_route_line,
+    tcp_transfer, wait_for,
 };
 use netns_tests::{TestNetns, exec_line, require_root};
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ const V4: Family = Family {
     vtep: "flannel.1",
     routes: &["ip", "route", "show", "proto", "87"],
     neighbours: &["ip", "neigh", "show", "dev", "flannel.1"],
-    route_line: |subnet, gw, vtep| format!("{subnet} via {gw} dev {vtep} onlink"),
+    route_line: |subnet, gw, vtep| peer_route_line(subnet, gw, vtep, true),
     subnet: Node::leased_subnet,
     mac: Node::vtep_mac,
     public: |n| n.ip.clone(),
@@ -120,7 +121,7 @@ impl Entries {
         let mut e = Entries {
             routes: peers
                 .iter()
-                .map(|p| format!("{} via {} dev eth0", p.leased_subnet(), p.ip))
+                .map(|p| peer_route_line(&p.leased_subnet(), &p.ip, "eth0", false))
                 .collect(),
             neighbours: vec![],
             fdb: vec![],

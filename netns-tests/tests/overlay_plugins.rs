@@ -19,7 +19,7 @@ use netns_tests::driver::{Attachment, Driver, DriverError};
 use netns_tests::weftd_cluster::{
     CONFIG_KEY, Cluster, ENDPOINT, HOST_GW_CONFIG, NETWORK, Node, Pod, SUBNETS, TCP_PORT,
     VXLAN_CONFIG, Weftd, attachment_leftovers, first_host, lease_key, lease_value, network_addr,
-    tcp_send, wait_for,
+    peer_route_line, tcp_send, wait_for,
 };
 use netns_tests::{TestNetns, bin_dir, require_root};
 use serde_json::{Value, json};
@@ -272,7 +272,7 @@ fn vxlan_routes(peers: &[&Node]) -> Vec<String> {
         .iter()
         .map(|p| {
             let s = p.leased_subnet();
-            format!("{s} via {} dev flannel.1 onlink", network_addr(&s))
+            peer_route_line(&s, network_addr(&s), "flannel.1", true)
         })
         .collect();
     v.sort();
@@ -283,7 +283,7 @@ fn vxlan_routes(peers: &[&Node]) -> Vec<String> {
 fn host_gw_routes(peers: &[&Node]) -> Vec<String> {
     let mut v: Vec<String> = peers
         .iter()
-        .map(|p| format!("{} via {} dev eth0", p.leased_subnet(), p.ip))
+        .map(|p| peer_route_line(&p.leased_subnet(), &p.ip, "eth0", false))
         .collect();
     v.sort();
     v

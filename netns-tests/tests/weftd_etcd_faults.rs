@@ -16,7 +16,7 @@
 
 use netns_tests::weftd_cluster::{
     Cluster, Node, Pod, READY_TIMEOUT, SUBNETS, VXLAN_CONFIG, Weftd, lease_key, lease_value,
-    metric, network_addr, wait_for, wait_ping,
+    metric, network_addr, peer_route_line, wait_for, wait_ping,
 };
 use netns_tests::{inside, require_root};
 use serde_json::Value;
@@ -220,7 +220,7 @@ impl Entries {
         for l in leases.iter().filter(|l| l.subnet != own) {
             let gw = network_addr(&l.subnet);
             e.routes
-                .push(format!("{} via {gw} dev flannel.1 onlink", l.subnet));
+                .push(peer_route_line(&l.subnet, gw, "flannel.1", true));
             e.neighbours
                 .push(format!("{gw} lladdr {} PERMANENT", l.vtep_mac));
             e.fdb
@@ -536,9 +536,7 @@ fn etcd_killed_mid_run_then_back_converges_without_duplicates() {
     let outage = Instant::now();
     let mut w3 = spawn(&c, c.node(3), &[]);
     let s2 = c.node(2).leased_subnet();
-    c.node(1)
-        .ns
-        .exec_ok(&["ip", "route", "del", &s2, "dev", "flannel.1"]);
+    c.node(1).ns.exec_ok(&["ip", "route", "del", &s2]);
     wait_for(
         "the hand-deleted route to come back, etcd down",
         Duration::from_secs(10),

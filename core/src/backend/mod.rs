@@ -19,10 +19,13 @@ mod plan;
 pub use plan::{PeerState, Plan, plan};
 
 use crate::lease::{Lease, LeaseAttrs, NetworkConfig, SubnetKey, gojson};
-use crate::netlink::{Fdb, Neigh, NetOp, Netlink, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanSpec};
+use crate::netlink::{
+    Fdb, Neigh, NetOp, Netlink, Nexthop, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanSpec,
+};
 use crate::{CniError, Result};
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 /// The route protocol weft tags its peer routes with (`ip route show proto 87`),
@@ -298,10 +301,10 @@ impl DataPlane {
                             "host-gw peer {public} is not on the external interface's link: use vxlan, or put the nodes on one L2 segment"
                         ));
                     }
-                    s.route(self.direct_route(subnet, public));
+                    peer_route(&mut s, self.direct_route(subnet, public));
                 }
                 Kind::Vxlan(c) if c.direct_routing && self.ext.on_link(public) => {
-                    s.route(self.direct_route(subnet, public))
+                    peer_route(&mut s, self.direct_route(subnet, public))
                 }
                 Kind::Vxlan(_) => {
                     let Some(vtep) = vtep else { continue };
@@ -309,13 +312,17 @@ impl DataPlane {
                     let gw = subnet.network();
                     s.neigh(vtep.index, Neigh { ip: gw, mac });
                     s.fdb(vtep.index, Fdb { mac, dst: public });
-                    s.route(OwnedRoute {
-                        dst: subnet,
-                        gw,
-                        oif: Some(vtep.index),
-                        onlink: true,
-                        protocol: ROUTE_PROTOCOL,
-                    });
+                    peer_route(
+                        &mut s,
+                        OwnedRoute {
+                            dst: subnet,
+                            gw,
+                            oif: Some(vtep.index),
+                            onlink: true,
+                            protocol: ROUTE_PROTOCOL,
+                            nh: None,
+                        },
+                    );
                 }
             }
         }
@@ -329,6 +336,7 @@ impl DataPlane {
             oif: Some(self.ext.index),
             onlink: false,
             protocol: ROUTE_PROTOCOL,
+            nh: None,
         }
     }
 
@@ -351,21 +359,51 @@ impl DataPlane {
                 s.route(r);
             }
         }
+        for n in nl.owned_nexthops(ROUTE_PROTOCOL)? {
+            s.nexthop(n);
+        }
         Ok(s)
     }
 
-    /// Apply a plan batch by batch; the failed writes with their errors.
+    /// Apply a plan batch by batch; the failed writes with their errors. A route
+    /// whose nexthop object could not be written (no kernel support, or its id is
+    /// another owner's) is written with its own gateway instead.
     pub fn apply(&self, nl: &Netlink, plan: &Plan) -> Vec<(NetOp, CniError)> {
         let mut failed = Vec::new();
+        let mut no_nexthop = BTreeSet::new();
         for batch in plan.batches() {
-            for (op, r) in batch.iter().zip(nl.apply_ops(batch)) {
+            let batch: Vec<NetOp> = batch
+                .iter()
+                .map(|op| match op {
+                    NetOp::ReplaceRoute(r) if r.nh.is_some_and(|id| no_nexthop.contains(&id)) => {
+                        NetOp::ReplaceRoute(OwnedRoute { nh: None, ..*r })
+                    }
+                    op => op.clone(),
+                })
+                .collect();
+            for (op, r) in batch.iter().zip(nl.apply_ops(&batch)) {
                 if let Err(e) = r {
+                    if let NetOp::ReplaceNexthop(n) = op {
+                        no_nexthop.insert(n.id);
+                    }
                     failed.push((op.clone(), e));
                 }
             }
         }
         failed
     }
+}
+
+/// A peer's route, through a nexthop object of its own where the kernel gains from
+/// one (IPv4: see [`crate::netlink::Nexthop`]).
+fn peer_route(s: &mut PeerState, mut r: OwnedRoute) {
+    if let Some(oif) = r.oif
+        && let Some(n) = Nexthop::for_route(r.dst, r.gw, oif, r.onlink, r.protocol)
+    {
+        r.nh = Some(n.id);
+        s.nexthop(n);
+    }
+    s.route(r);
 }
 
 fn ensure_vtep(
@@ -542,7 +580,15 @@ mod tests {
         let r = s.routes.values().next().unwrap();
         assert_eq!(
             r.to_string(),
-            "10.244.27.0/24 via 10.244.27.0 dev #7 onlink proto 87"
+            "10.244.27.0/24 nhid 183769856 via 10.244.27.0 dev #7 onlink proto 87"
+        );
+        // Through a nexthop object whose id is the subnet's address (10.244.27.0).
+        assert_eq!(
+            s.nexthops
+                .values()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["nexthop id 183769856 via 10.244.27.0 dev #7 onlink proto 87"]
         );
         // Other backend types and unusable data are skipped with a reason.
         assert!(
@@ -569,7 +615,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             s.routes.values().next().unwrap().to_string(),
-            "10.244.27.0/24 via 10.77.0.2 dev #2 proto 87"
+            "10.244.27.0/24 nhid 183769856 via 10.77.0.2 dev #2 proto 87"
         );
         assert_eq!(s.len(), 1);
         let err = p

@@ -2,18 +2,19 @@
 //! writes that turn one into the other, in a safe order: neighbours and FDB
 //! entries before the routes that use them; on removal routes first.
 
-use crate::netlink::{Fdb, Neigh, NetOp, OwnedRoute};
+use crate::netlink::{Fdb, Neigh, NetOp, Nexthop, OwnedRoute};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-/// The peer entries on this node: neighbours and FDB entries per device, and our
-/// routes by destination.
+/// The peer entries on this node: neighbours and FDB entries per device, our
+/// routes by destination and the nexthop objects of our IPv4 routes by id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerState {
     pub neighs: BTreeMap<(u32, IpAddr), [u8; 6]>,
     pub fdbs: BTreeSet<(u32, Fdb)>,
     pub routes: BTreeMap<IpNet, OwnedRoute>,
+    pub nexthops: BTreeMap<u32, Nexthop>,
 }
 
 impl PeerState {
@@ -29,13 +30,19 @@ impl PeerState {
         self.routes.insert(r.dst, r);
     }
 
+    pub fn nexthop(&mut self, n: Nexthop) {
+        self.nexthops.insert(n.id, n);
+    }
+
     /// Everything in `other` too (one peer's entries into the whole).
     pub fn merge(&mut self, other: PeerState) {
         self.neighs.extend(other.neighs);
         self.fdbs.extend(other.fdbs);
         self.routes.extend(other.routes);
+        self.nexthops.extend(other.nexthops);
     }
 
+    /// The entries a peer needs, nexthop objects not counted (one per route).
     pub fn len(&self) -> usize {
         self.neighs.len() + self.fdbs.len() + self.routes.len()
     }
@@ -50,18 +57,29 @@ impl PeerState {
 pub struct Plan {
     /// Neighbour and FDB entries to add or replace.
     pub links: Vec<NetOp>,
+    /// Nexthop objects to create or replace (before the routes through them).
+    pub nexthops: Vec<NetOp>,
     /// Routes to add or replace (after `links`, so the kernel never has to ARP).
     pub routes: Vec<NetOp>,
     /// Routes to delete (before `unlinks`).
     pub unroutes: Vec<NetOp>,
+    /// Nexthop objects to delete (after the routes through them).
+    pub unnexthops: Vec<NetOp>,
     /// Neighbour and FDB entries to delete.
     pub unlinks: Vec<NetOp>,
 }
 
 impl Plan {
     /// The batches in application order.
-    pub fn batches(&self) -> [&[NetOp]; 4] {
-        [&self.links, &self.routes, &self.unroutes, &self.unlinks]
+    pub fn batches(&self) -> [&[NetOp]; 6] {
+        [
+            &self.links,
+            &self.nexthops,
+            &self.routes,
+            &self.unroutes,
+            &self.unnexthops,
+            &self.unlinks,
+        ]
     }
 
     pub fn len(&self) -> usize {
@@ -85,6 +103,11 @@ pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
     for &(dev, f) in desired.fdbs.difference(&actual.fdbs) {
         p.links.push(NetOp::ReplaceFdb(dev, f));
     }
+    for (id, n) in &desired.nexthops {
+        if actual.nexthops.get(id) != Some(n) {
+            p.nexthops.push(NetOp::ReplaceNexthop(*n));
+        }
+    }
     for (dst, r) in &desired.routes {
         if !same_route(actual.routes.get(dst), r) {
             p.routes.push(NetOp::ReplaceRoute(*r));
@@ -93,6 +116,11 @@ pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
     for (dst, r) in &actual.routes {
         if !desired.routes.contains_key(dst) {
             p.unroutes.push(NetOp::DelRoute(*r));
+        }
+    }
+    for (id, n) in &actual.nexthops {
+        if !desired.nexthops.contains_key(id) {
+            p.unnexthops.push(NetOp::DelNexthop(*id, n.protocol));
         }
     }
     for &(dev, f) in actual.fdbs.difference(&desired.fdbs) {
@@ -107,13 +135,17 @@ pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
 }
 
 /// Listings always name the device the kernel chose; a wanted route without an
-/// `oif` accepts any.
+/// `oif` accepts any. A route through a nexthop object is compared by its id (the
+/// object itself is compared on its own).
 fn same_route(have: Option<&OwnedRoute>, want: &OwnedRoute) -> bool {
     have.is_some_and(|h| {
-        h.gw == want.gw
-            && h.onlink == want.onlink
-            && h.protocol == want.protocol
-            && (want.oif.is_none() || h.oif == want.oif)
+        h.nh == want.nh && h.protocol == want.protocol && want.nh.is_some()
+            || h.nh.is_none()
+                && want.nh.is_none()
+                && h.gw == want.gw
+                && h.onlink == want.onlink
+                && h.protocol == want.protocol
+                && (want.oif.is_none() || h.oif == want.oif)
     })
 }
 
@@ -128,6 +160,7 @@ mod tests {
             oif: Some(oif),
             onlink: true,
             protocol: 87,
+            nh: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! device"; rtnetlink does not check `NLM_F_DUMP_INTR`, so the listings retry
 //! interrupted dumps themselves.
 
+use super::nexthop::Nexthop;
 use super::{Netlink, errno, fail};
 use crate::error::{CniError, Result};
 use futures_util::StreamExt;
@@ -28,7 +29,7 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -116,6 +117,9 @@ pub struct OwnedRoute {
     pub onlink: bool,
     /// `rtm_protocol`: weft's tag (flanneld's routes are `boot`, 3).
     pub protocol: u8,
+    /// Through this nexthop object (see [`super::nexthop`]) rather than with its own
+    /// gateway; `gw`, `oif` and `onlink` still describe it (listings report them).
+    pub nh: Option<u32>,
 }
 
 /// A permanent neighbour entry (`ip neigh replace IP lladdr MAC nud permanent`):
@@ -155,13 +159,17 @@ pub enum NetOp {
     ReplaceRoute(OwnedRoute),
     /// [`Netlink::del_owned_route`].
     DelRoute(OwnedRoute),
+    /// Create the nexthop object, or replace it if it is ours (before routes use it).
+    ReplaceNexthop(Nexthop),
+    /// Delete this nexthop object if it has this protocol (after the routes).
+    DelNexthop(u32, u8),
 }
 
 impl NetOp {
     fn is_del(&self) -> bool {
         matches!(
             self,
-            NetOp::DelNeigh(..) | NetOp::DelFdb(..) | NetOp::DelRoute(_)
+            NetOp::DelNeigh(..) | NetOp::DelFdb(..) | NetOp::DelRoute(_) | NetOp::DelNexthop(..)
         )
     }
 
@@ -186,9 +194,14 @@ impl NetOp {
                 UPSERT,
             ),
             NetOp::DelRoute(r) => (
-                RouteNetlinkMessage::DelRoute(route_msg(r).map_err(|e| e.context(self))?),
+                RouteNetlinkMessage::DelRoute(
+                    route_msg(&r.to_delete()).map_err(|e| e.context(self))?,
+                ),
                 0,
             ),
+            NetOp::ReplaceNexthop(_) | NetOp::DelNexthop(..) => {
+                return Err(CniError::internal(format!("{self}: not a route message")));
+            }
         })
     }
 }
@@ -204,6 +217,8 @@ impl fmt::Display for NetOp {
             NetOp::DelFdb(dev, e) => write!(f, "deleting fdb entry {e} on link #{dev}"),
             NetOp::ReplaceRoute(r) => write!(f, "replacing route {r}"),
             NetOp::DelRoute(r) => write!(f, "deleting route {r}"),
+            NetOp::ReplaceNexthop(n) => write!(f, "writing {n}"),
+            NetOp::DelNexthop(id, _) => write!(f, "deleting nexthop id {id}"),
         }
     }
 }
@@ -226,6 +241,9 @@ impl fmt::Display for Fdb {
 impl fmt::Display for OwnedRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.dst)?;
+        if let Some(id) = self.nh {
+            write!(f, " nhid {id}")?;
+        }
         if !self.gw.is_unspecified() {
             write!(f, " via {}", self.gw)?;
         }
@@ -236,6 +254,29 @@ impl fmt::Display for OwnedRoute {
             f.write_str(" onlink")?;
         }
         write!(f, " proto {}", self.protocol)
+    }
+}
+
+impl OwnedRoute {
+    /// The route as a delete names it. The kernel matches no route through a
+    /// nexthop object when a gateway or device is given, so such a route is named
+    /// by destination and protocol only (we own one route per destination).
+    fn to_delete(self) -> OwnedRoute {
+        if self.nh.is_none() {
+            return self;
+        }
+        let gw = if self.dst.addr().is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        OwnedRoute {
+            gw,
+            oif: None,
+            onlink: false,
+            nh: None,
+            ..self
+        }
     }
 }
 
@@ -529,14 +570,46 @@ impl Netlink {
     /// drops on the socket after 120,000 requests). An overrun would hang, not
     /// fail: netlink-proto turns ENOBUFS into an unsolicited message and the
     /// lost replies' requests would never finish.
+    ///
+    /// Nexthop objects go over a socket of their own, in datagrams of many requests
+    /// each (see [`super::nexthop`]).
     pub fn apply_ops(&self, ops: &[NetOp]) -> Vec<Result<()>> {
         let handle = &self.handle;
-        self.block(
+        let mut out: Vec<Result<()>> = self.block(
             futures_util::stream::iter(ops)
-                .map(|op| async move { exec(handle, op).await.map(drop) })
+                .map(|op| async move {
+                    match op {
+                        NetOp::ReplaceNexthop(_) | NetOp::DelNexthop(..) => Ok(()),
+                        op => exec(handle, op).await.map(drop),
+                    }
+                })
                 .buffered(APPLY_CONCURRENCY)
                 .collect(),
-        )
+        );
+        let (mut writes, mut deletes) = (Vec::new(), Vec::new());
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                NetOp::ReplaceNexthop(n) => writes.push((i, *n)),
+                NetOp::DelNexthop(id, protocol) => deletes.push((i, (*id, *protocol))),
+                _ => {}
+            }
+        }
+        if !writes.is_empty() {
+            let nhs: Vec<Nexthop> = writes.iter().map(|w| w.1).collect();
+            for ((i, _), r) in writes.iter().zip(self.nexthops().replace(&nhs)) {
+                out[*i] = r;
+            }
+        }
+        for (i, (id, protocol)) in deletes {
+            // Rare (a peer leaving), so one request at a time is fine.
+            out[i] = self.nexthops().delete(&[id], protocol).remove(0);
+        }
+        out
+    }
+
+    /// Our IPv4 nexthop objects: those tagged `protocol`.
+    pub fn owned_nexthops(&self, protocol: u8) -> Result<Vec<Nexthop>> {
+        self.nexthops().list(protocol)
     }
 
     fn run(&self, op: &NetOp) -> Result<bool> {
@@ -657,6 +730,11 @@ fn route_msg(r: &OwnedRoute) -> Result<RouteMessage> {
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.dst.addr(), r.dst.prefix_len())
         .map_err(|e| CniError::config(e.to_string()))?;
+    if let Some(id) = r.nh {
+        let mut msg = b.protocol(RouteProtocol::from(r.protocol)).build();
+        msg.attributes.push(RouteAttribute::NhId(id));
+        return Ok(msg);
+    }
     if !r.gw.is_unspecified() {
         b = b
             .gateway(r.gw)
@@ -828,6 +906,10 @@ fn to_owned_route(msg: &RouteMessage, v4: bool, protocol: u8) -> Option<OwnedRou
         oif: r.oif,
         onlink: h.flags.contains(RouteFlags::Onlink),
         protocol,
+        nh: msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::NhId(id) => Some(*id),
+            _ => None,
+        }),
     })
 }
 
@@ -893,6 +975,7 @@ mod tests {
             oif: Some(5),
             onlink: true,
             protocol: 200,
+            nh: None,
         };
         assert_eq!(to_owned_route(&route_msg(&r).unwrap(), true, 200), Some(r));
         assert_eq!(to_owned_route(&route_msg(&r).unwrap(), true, 201), None);
