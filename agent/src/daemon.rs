@@ -72,7 +72,8 @@ struct Node<'a, S> {
     /// The last wait after a failed renewal; None after a success.
     renew_backoff: Option<Duration>,
     /// Other nodes' leases; deletions are matched against these.
-    peers: BTreeMap<SubnetKey, Lease>,
+    /// Shared with the data plane's tasks, which only read them.
+    peers: BTreeMap<SubnetKey, Arc<Lease>>,
     /// While our lease is gone from the store: when to try again, and the backoff.
     lost: Option<(Instant, Duration)>,
     dp: Programmer,
@@ -344,10 +345,10 @@ impl<S: LeaseSource> Node<'_, S> {
             PeerUpdate::Snapshot(leases) => {
                 self.status.resyncs.fetch_add(1, Ordering::Relaxed);
                 let own_present = leases.iter().any(|l| l.key == self.lease.key);
-                let fresh: BTreeMap<SubnetKey, Lease> = leases
+                let fresh: BTreeMap<SubnetKey, Arc<Lease>> = leases
                     .into_iter()
                     .filter(|l| l.key != self.lease.key)
-                    .map(|l| (l.key, l))
+                    .map(|l| (l.key, Arc::new(l)))
                     .collect();
                 let gone = self.peers.keys().filter(|k| !fresh.contains_key(k)).count();
                 info!(peers = fresh.len(), gone, "lease snapshot");
@@ -355,6 +356,7 @@ impl<S: LeaseSource> Node<'_, S> {
                 self.dp
                     .converge(self.peers.values().cloned().collect())
                     .await;
+                release_free_memory();
                 !own_present
             }
             PeerUpdate::Events(events) => {
@@ -367,8 +369,9 @@ impl<S: LeaseSource> Node<'_, S> {
                         PeerEvent::Added(l) if l.key == self.lease.key => {}
                         PeerEvent::Added(l) => {
                             debug!(subnet = %l.key, public_ip = %l.attrs.public_ip, "peer lease added");
-                            let old = self.peers.insert(l.key, (*l).clone());
-                            self.dp.update(old, Some(*l)).await;
+                            let new = Arc::new(*l);
+                            let old = self.peers.insert(new.key, new.clone());
+                            self.dp.update(old, Some(new)).await;
                         }
                         PeerEvent::Removed(k) if k == self.lease.key => own_gone = true,
                         PeerEvent::Removed(k) => {
@@ -510,6 +513,18 @@ impl<S> Node<'_, S> {
     /// flanneld's FLANNEL_MTU: vxlan adds 50 bytes of headers.
     fn mtu(&self) -> u32 {
         self.dp.plane().kind().pod_mtu(self.settings.iface.mtu)
+    }
+}
+
+/// Hand the allocator's free pages back to the kernel. Converging a lease snapshot
+/// allocates several times what weftd keeps (the etcd reply, every peer's desired
+/// entries, the plan and its results); glibc would otherwise hold on to the freed
+/// memory, so weftd's RSS would stay at that peak for good.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -73,11 +73,11 @@ impl Programmer {
 
     /// Make the kernel hold exactly what `peers` need: adds what is missing,
     /// repairs what was changed by hand, removes entries of peers gone meanwhile.
-    pub async fn converge(&self, peers: Vec<Lease>) {
+    pub async fn converge(&self, peers: Vec<Arc<Lease>>) {
         let this = self.clone();
         let started = Instant::now();
         let done = tokio::task::spawn_blocking(move || {
-            let desired = this.plane.desired(&peers);
+            let desired = this.plane.desired(peers.iter().map(|p| &**p));
             let (writes, failed) = this.plane.converge(&this.nl, &desired)?;
             Ok::<_, weft_core::CniError>((writes, desired.len(), failed))
         })
@@ -102,12 +102,12 @@ impl Programmer {
     }
 
     /// One peer changed: write only the difference between its old and new entries.
-    pub async fn update(&self, old: Option<Lease>, new: Option<Lease>) {
+    pub async fn update(&self, old: Option<Arc<Lease>>, new: Option<Arc<Lease>>) {
         let this = self.clone();
         let started = Instant::now();
         let failed = tokio::task::spawn_blocking(move || {
-            let before = this.plane.desired(old.as_slice());
-            let after = this.plane.desired(new.as_slice());
+            let before = this.plane.desired(old.as_deref());
+            let after = this.plane.desired(new.as_deref());
             this.plane.apply(&this.nl, &plan(&after, &before))
         })
         .await

@@ -590,6 +590,9 @@ pub fn cold_start_1k(env: &mut Env, i: usize) -> Result<Sample> {
     cold_start(env, i, 1_000)
 }
 
+/// How long after convergence the settled RSS is read.
+const SETTLE: Duration = Duration::from_secs(1);
+
 pub fn cold_start_10k(env: &mut Env, i: usize) -> Result<Sample> {
     cold_start(env, i, 10_000)
 }
@@ -605,12 +608,17 @@ fn cold_start(env: &mut Env, _: usize, n: usize) -> Result<Sample> {
     let (rss, anon, peak) = weftd.memory()?;
     let elapsed = done - weftd.started;
     verify(&node, n)?;
+    // What stays once the snapshot's transient buffers are freed.
+    std::thread::sleep(SETTLE);
+    let (settled, settled_anon, _) = weftd.memory()?;
     weftd.stop();
 
     let mut figures = vec![
         ("RSS after convergence", rss, "MiB"),
         ("  of which anonymous (heap, stacks)", anon, "MiB"),
         ("peak RSS", peak, "MiB"),
+        ("RSS 1 s later (settled)", settled, "MiB"),
+        ("  of which anonymous", settled_anon, "MiB"),
     ];
     // Where the time went, from weftd's log and the kernel's announcements.
     let events = log_events(&weftd.log());
@@ -865,7 +873,10 @@ mod tests {
         assert_eq!(lease_key(257), "/coreos.com/network/subnets/10.2.1.0-24");
         let attrs = LeaseAttrs::from_json(lease_value(258).as_bytes()).unwrap();
         assert_eq!(attrs.public_ip, Ipv4Addr::new(10, 77, 2, 9));
-        assert_eq!(attrs.backend_data.unwrap()["VtepMAC"], "0a:77:00:00:01:02");
+        assert_eq!(
+            attrs.backend_data.unwrap().value()["VtepMAC"],
+            "0a:77:00:00:01:02"
+        );
         let e = expected(10_000);
         let mut macs: Vec<_> = e.iter().map(|x| x.mac).collect();
         macs.sort();

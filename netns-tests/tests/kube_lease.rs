@@ -25,8 +25,8 @@ use weft_core::lease::kube::{
     KubeOptions, KubeSource, SERVICE_ACCOUNT_DIR, SERVICE_ACCOUNT_DIR_ENV,
 };
 use weft_core::lease::{
-    AcquireRequest, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig, PeerEvent,
-    PeerUpdate, SubnetKey,
+    AcquireRequest, BackendData, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig,
+    PeerEvent, PeerUpdate, SubnetKey,
 };
 
 /// flanneld's default annotation prefix.
@@ -57,8 +57,8 @@ fn config(text: &str) -> NetworkConfig {
 // Node `kube-worker-<i>` (the recorded kube-worker-1 and -2 too) holds
 // 10.244.<i>.0/24 and acquires with `request(10 + i)`.
 
-fn vxlan_data(mac: &str) -> Value {
-    json!({"VNI": 1, "VtepMAC": mac})
+fn vxlan_data(mac: &str) -> BackendData {
+    json!({"VNI": 1, "VtepMAC": mac}).into()
 }
 
 /// A vxlan node's request: public IP 192.168.56.<n>, VTEP MAC 0e:77:00:00:00:<n>.

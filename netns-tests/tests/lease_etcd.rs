@@ -56,7 +56,7 @@ fn request(n: u8) -> AcquireRequest {
             public_ipv6: None,
             backend_type: "vxlan".into(),
             backend_data: Some(
-                serde_json::json!({"VNI": 1, "VtepMAC": format!("c6:8a:a6:b1:ae:{n:02x}")}),
+                serde_json::json!({"VNI": 1, "VtepMAC": format!("c6:8a:a6:b1:ae:{n:02x}")}).into(),
             ),
             backend_v6_data: None,
         },

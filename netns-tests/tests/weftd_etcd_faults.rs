@@ -958,7 +958,9 @@ fn no_lease_rpc_fails_while_one_member_of_three_is_down() {
             public_ip: "10.77.0.1".parse().unwrap(),
             public_ipv6: None,
             backend_type: "vxlan".into(),
-            backend_data: Some(serde_json::json!({"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"})),
+            backend_data: Some(
+                serde_json::json!({"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"}).into(),
+            ),
             backend_v6_data: None,
         },
         previous_v4: None,

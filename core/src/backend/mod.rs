@@ -18,7 +18,7 @@ mod plan;
 
 pub use plan::{PeerState, Plan, plan};
 
-use crate::lease::{Lease, LeaseAttrs, NetworkConfig, SubnetKey, gojson};
+use crate::lease::{BackendData, Lease, LeaseAttrs, NetworkConfig, SubnetKey, gojson};
 use crate::netlink::{
     Fdb, Neigh, NetOp, Netlink, Nexthop, OwnedRoute, VXLAN_DEFAULT_PORT, VxlanSpec,
 };
@@ -236,14 +236,14 @@ impl DataPlane {
             public_ip: public_v4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
             public_ipv6: public_v6,
             backend_type: self.kind.name().to_owned(),
-            backend_data,
-            backend_v6_data,
+            backend_data: backend_data.map(Into::into),
+            backend_v6_data: backend_v6_data.map(Into::into),
         }
     }
 
     /// The entries all of `peers` need (peers this backend cannot program are
     /// skipped, logged at debug level).
-    pub fn desired(&self, peers: &[Lease]) -> PeerState {
+    pub fn desired<'a>(&self, peers: impl IntoIterator<Item = &'a Lease>) -> PeerState {
         let mut all = PeerState::default();
         for peer in peers {
             match self.peer_state(peer) {
@@ -465,8 +465,9 @@ fn derived_mac(local: IpAddr, vni: u32) -> [u8; 6] {
 }
 
 /// `VtepMAC` of a peer's backend data (keys case-insensitive, like Go).
-fn vtep_mac(data: Option<&Value>) -> Option<[u8; 6]> {
-    let obj: &Map<String, Value> = data?.as_object()?;
+fn vtep_mac(data: Option<&BackendData>) -> Option<[u8; 6]> {
+    let value = data?.value();
+    let obj: &Map<String, Value> = value.as_object()?;
     crate::mac::parse(gojson::field(obj, "VtepMAC")?.as_str()?)
 }
 
@@ -508,7 +509,7 @@ mod tests {
                 public_ip: public.parse().unwrap(),
                 public_ipv6: None,
                 backend_type: kind.into(),
-                backend_data: data,
+                backend_data: data.map(Into::into),
                 backend_v6_data: None,
             },
             etcd_lease: 0,
@@ -649,7 +650,7 @@ mod tests {
         assert_ne!(a, derived_mac("10.77.0.2".parse().unwrap(), 1));
         assert_eq!(a[0] & 0x03, 0x02);
         assert_eq!(
-            vtep_mac(Some(&json!({"vtepmac": crate::mac::format(&a)}))),
+            vtep_mac(Some(&json!({"vtepmac": crate::mac::format(&a)}).into())),
             Some(a)
         );
     }

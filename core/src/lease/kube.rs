@@ -6,8 +6,8 @@
 //! one long watch, which runs on its own thread and feeds the async side.
 
 use super::{
-    AcquireRequest, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig, PeerEvent,
-    PeerUpdate, SubnetKey,
+    AcquireRequest, BackendData, Lease, LeaseAttrs, LeaseError, LeaseSource, NetworkConfig,
+    PeerEvent, PeerUpdate, SubnetKey,
 };
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
@@ -103,7 +103,10 @@ impl KubeSource {
     /// The annotations this node should carry for `attrs`.
     fn annotations(&self, attrs: &LeaseAttrs) -> Map<String, Value> {
         let p = &self.prefix;
-        let data = |d: &Option<Value>| d.as_ref().map_or("null".to_owned(), Value::to_string);
+        let data = |d: &Option<BackendData>| {
+            d.as_ref()
+                .map_or("null".to_owned(), |d| d.value().to_string())
+        };
         let mut a = Map::new();
         a.insert(format!("{p}kube-subnet-manager"), json!("true"));
         a.insert(format!("{p}backend-type"), json!(attrs.backend_type));
@@ -358,7 +361,9 @@ fn node_lease(node: &Value, prefix: &str) -> Option<Lease> {
     if get("kube-subnet-manager") != Some("true") {
         return None;
     }
-    let data = |name: &str| get(name).and_then(|s| serde_json::from_str(s).ok());
+    let data = |name: &str| {
+        get(name).and_then(|s| serde_json::from_str::<Value>(s).ok().map(BackendData::from))
+    };
     Some(Lease {
         key: pod_cidrs(node)?,
         attrs: LeaseAttrs {

@@ -21,7 +21,7 @@ mod subnet_env;
 
 pub use alloc::{CANDIDATES, SubnetPicker, free_subnets};
 pub use config::{BackendConfig, NetworkConfig, Pool};
-pub use record::{Lease, LeaseAttrs, SubnetKey};
+pub use record::{BackendData, Lease, LeaseAttrs, SubnetKey};
 pub use static_source::StaticSource;
 pub use subnet_env::SubnetEnv;
 

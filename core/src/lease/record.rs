@@ -5,6 +5,7 @@ use super::gojson;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -92,9 +93,48 @@ pub struct LeaseAttrs {
     #[serde(rename = "BackendType", skip_serializing_if = "String::is_empty")]
     pub backend_type: String,
     #[serde(rename = "BackendData", skip_serializing_if = "Option::is_none")]
-    pub backend_data: Option<Value>,
+    pub backend_data: Option<BackendData>,
     #[serde(rename = "BackendV6Data", skip_serializing_if = "Option::is_none")]
-    pub backend_v6_data: Option<Value>,
+    pub backend_v6_data: Option<BackendData>,
+}
+
+/// A lease's `BackendData` (flannel's `json.RawMessage`), kept as its JSON text: a
+/// peer's is only read for its VtepMAC, and 10,000 parsed values would cost weftd
+/// several MB (a map per peer) where the text costs ~50 bytes each.
+#[derive(Clone)]
+pub struct BackendData(Box<RawValue>);
+
+impl BackendData {
+    /// The parsed value (`null` is a value too).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.0.get()).expect("holds valid JSON")
+    }
+}
+
+impl From<Value> for BackendData {
+    fn from(v: Value) -> BackendData {
+        BackendData(serde_json::value::to_raw_value(&v).expect("a Value serialises"))
+    }
+}
+
+/// Equal values, whatever the spacing or key order of their texts.
+impl PartialEq for BackendData {
+    fn eq(&self, other: &BackendData) -> bool {
+        self.0.get() == other.0.get() || self.value() == other.value()
+    }
+}
+
+impl fmt::Debug for BackendData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
+/// Written as the JSON it holds, not as a string.
+impl Serialize for BackendData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 impl LeaseAttrs {
@@ -123,7 +163,7 @@ impl LeaseAttrs {
         let raw = |name: &str| {
             obj.iter()
                 .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
+                .map(|(_, v)| BackendData::from(v.clone()))
                 .next_back()
         };
         Ok(LeaseAttrs {
@@ -197,6 +237,34 @@ mod tests {
             LeaseAttrs::from_json(br#"{"PublicIP":"x"}"#)
                 .unwrap_err()
                 .contains("PublicIP")
+        );
+    }
+
+    #[test]
+    fn backend_data_is_kept_as_text_and_compared_as_a_value() {
+        let a = LeaseAttrs::from_json(
+            br#"{"PublicIP":"10.77.0.1","BackendType":"vxlan","BackendData": { "VtepMAC" : "02:11:22:33:44:55", "VNI":1 },"BackendV6Data":null}"#,
+        )
+        .unwrap();
+        let data = a.backend_data.clone().unwrap();
+        assert_eq!(data.value()["VtepMAC"], "02:11:22:33:44:55");
+        // Other spacing and key order, same value.
+        let same: BackendData =
+            serde_json::json!({"VNI": 1, "VtepMAC": "02:11:22:33:44:55"}).into();
+        assert_eq!(data, same);
+        let other: BackendData =
+            serde_json::json!({"VNI": 2, "VtepMAC": "02:11:22:33:44:55"}).into();
+        assert_ne!(data, other);
+        // A literal null is data (flannel's RawMessage), written back as such.
+        assert_eq!(a.backend_v6_data.as_ref().unwrap().value(), Value::Null);
+        assert!(
+            a.to_json().ends_with(r#""BackendV6Data":null}"#),
+            "{}",
+            a.to_json()
+        );
+        assert_eq!(
+            format!("{same:?}"),
+            r#"{"VNI":1,"VtepMAC":"02:11:22:33:44:55"}"#
         );
     }
 }
