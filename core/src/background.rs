@@ -24,13 +24,17 @@ pub fn run(what: &str, work: impl FnOnce() -> Result<()>) {
     }
 }
 
-/// Close `fd` in a detached process once this one has exited, for a descriptor whose
-/// last close blocks in the kernel. The one in mind: closing a NETLINK_NETFILTER
-/// socket makes nf_tables finish releasing what the socket's transactions deleted,
-/// which waits for an RCU grace period (~10 ms, most of a portmap DEL); nothing the
-/// runtime can observe depends on it. Waiting for our exit (EOF on a pipe only we
-/// hold open) makes the detached close the last one; the detached process keeps
-/// no other descriptor, so no lock of ours outlives us in it.
+/// Close `fd` in a detached process a little after this one has exited, for a
+/// descriptor whose last close blocks in the kernel. The one in mind: a
+/// NETLINK_NETFILTER socket closed while nf_tables still has deleted objects to
+/// release (from any transaction on the host, until its release worker starts, which
+/// is normally within a millisecond) waits for that worker and its RCU grace period
+/// (~10 ms, most of a portmap DEL), holding the lock every nf_tables transaction
+/// takes. Closing [`LATE_CLOSE`] after our exit almost always finds the worker
+/// started, so the close neither delays us nor blocks the next plugin's transaction.
+/// Waiting for our exit (EOF on a pipe only we hold open) makes the detached close
+/// the last one; the detached process keeps no other descriptor, so no lock of ours
+/// outlives us in it.
 pub fn close(fd: OwnedFd) {
     let Ok((exited, alive)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
         return drop(fd);
@@ -43,6 +47,7 @@ pub fn close(fd: OwnedFd) {
             nix::unistd::read(&exited, &mut b),
             Err(nix::errno::Errno::EINTR)
         ) {}
+        std::thread::sleep(LATE_CLOSE);
         drop(fd);
     };
     match in_grandchild(detached) {
@@ -86,6 +91,9 @@ fn in_grandchild<F: FnOnce()>(f: F) -> std::result::Result<(), F> {
 }
 
 /// Close every descriptor of this process but `keep` (stdio included).
+/// How long after our exit [`close`] closes.
+const LATE_CLOSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn close_all_but(keep: &[RawFd]) {
     let mut from = 0u32;
     let mut keep: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
