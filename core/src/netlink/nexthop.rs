@@ -207,41 +207,14 @@ impl NexthopSocket {
 
     /// The protocol of each nexthop `ids`, `None` if there is no such nexthop.
     fn owners(&self, ids: impl Iterator<Item = u32>) -> Vec<std::result::Result<Option<u8>, i32>> {
-        let ids: Vec<u32> = ids.collect();
-        let mut out = vec![Ok(None); ids.len()];
-        for (base, chunk) in ids.chunks(CHUNK).enumerate().map(|(i, c)| (i * CHUNK, c)) {
-            let mut req = Vec::new();
-            for (i, id) in chunk.iter().enumerate() {
-                request(&mut req, RTM_GETNEXTHOP, 0, seq(base + i), &id_body(*id));
-            }
-            if let Err(e) = self.0.send(&req, 0) {
-                out[base..base + chunk.len()].fill(Err(e.raw_os_error().unwrap_or(libc::EIO)));
-                continue;
-            }
-            let mut pending = chunk.len();
-            let r = self.replies("reading nexthops", |m| {
-                let Some(i) = (m.seq as usize)
-                    .checked_sub(1)
-                    .filter(|i| (base..base + chunk.len()).contains(i))
-                else {
-                    return Ok(false);
-                };
-                match m.kind {
-                    RTM_NEWNEXTHOP => out[i] = Ok(parse_protocol(m.body)),
-                    NLMSG_ERROR => {
-                        let e = errno(m.body);
-                        out[i] = if e == libc::ENOENT { Ok(None) } else { Err(e) };
-                    }
-                    _ => return Ok(false),
-                }
-                pending -= 1;
-                Ok(pending == 0)
-            });
-            if let Err(e) = r {
-                out[base..base + chunk.len()].fill(Err(e));
-            }
-        }
-        out
+        let gets = ids.map(|id| (RTM_GETNEXTHOP, 0, id_body(id)));
+        self.exchange(gets)
+            .into_iter()
+            .map(|r| match r {
+                Err(libc::ENOENT) => Ok(None),
+                r => r,
+            })
+            .collect()
     }
 
     /// Send `msgs` (type, flags beyond REQUEST|ACK, body) in datagrams of [`CHUNK`];
@@ -250,34 +223,51 @@ impl NexthopSocket {
         &self,
         msgs: impl Iterator<Item = (u16, u16, Vec<u8>)>,
     ) -> Vec<std::result::Result<(), i32>> {
+        let acked = msgs.map(|(kind, flags, body)| (kind, NLM_F_ACK | flags, body));
+        self.exchange(acked)
+            .into_iter()
+            .map(|r| r.map(drop))
+            .collect()
+    }
+
+    /// Send `msgs` (type, flags beyond REQUEST, body) in datagrams of [`CHUNK`] and
+    /// wait for one reply each: the protocol of a nexthop sent back, `None` for an
+    /// acknowledgement, or the errno.
+    fn exchange(
+        &self,
+        msgs: impl Iterator<Item = (u16, u16, Vec<u8>)>,
+    ) -> Vec<std::result::Result<Option<u8>, i32>> {
         let msgs: Vec<_> = msgs.collect();
-        let mut out = vec![Ok(()); msgs.len()];
+        let mut out = vec![Ok(None); msgs.len()];
         for (base, chunk) in msgs.chunks(CHUNK).enumerate().map(|(i, c)| (i * CHUNK, c)) {
             let mut req = Vec::new();
             for (i, (kind, flags, body)) in chunk.iter().enumerate() {
-                request(&mut req, *kind, NLM_F_ACK | flags, seq(base + i), body);
+                request(&mut req, *kind, *flags, seq(base + i), body);
             }
+            let slots = base..base + chunk.len();
             if let Err(e) = self.0.send(&req, 0) {
-                out[base..base + chunk.len()].fill(Err(e.raw_os_error().unwrap_or(libc::EIO)));
+                out[slots].fill(Err(e.raw_os_error().unwrap_or(libc::EIO)));
                 continue;
             }
             let mut pending = chunk.len();
-            let r = self.replies("writing nexthops", |m| {
-                if m.kind != NLMSG_ERROR {
-                    return Ok(false);
-                }
-                if let Some(i) = (m.seq as usize)
+            let r = self.replies("nexthop requests", |m| {
+                let Some(i) = (m.seq as usize)
                     .checked_sub(1)
-                    .filter(|i| (base..base + chunk.len()).contains(i))
-                {
-                    let e = errno(m.body);
-                    out[i] = if e == 0 { Ok(()) } else { Err(e) };
-                    pending -= 1;
-                }
+                    .filter(|i| slots.contains(i))
+                else {
+                    return Ok(false);
+                };
+                out[i] = match (m.kind, errno(m.body)) {
+                    (RTM_NEWNEXTHOP, _) => Ok(parse_protocol(m.body)),
+                    (NLMSG_ERROR, 0) => Ok(None),
+                    (NLMSG_ERROR, e) => Err(e),
+                    _ => return Ok(false),
+                };
+                pending -= 1;
                 Ok(pending == 0)
             });
             if let Err(e) = r {
-                out[base..base + chunk.len()].fill(Err(e));
+                out[slots].fill(Err(e));
             }
         }
         out
