@@ -90,20 +90,35 @@ fn in_grandchild<F: FnOnce()>(f: F) -> std::result::Result<(), F> {
     }
 }
 
-/// Close every descriptor of this process but `keep` (stdio included).
 /// How long after our exit [`close`] closes.
 const LATE_CLOSE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Close every descriptor of this process but `keep` (stdio included): with
+/// close_range (Linux ≥ 5.9), else one by one from /proc/self/fd.
 fn close_all_but(keep: &[RawFd]) {
     let mut from = 0u32;
-    let mut keep: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
-    keep.sort_unstable();
-    for k in keep.into_iter().chain([u32::MAX]) {
-        if k > from {
-            // SAFETY: close_range on this (detached) process's own descriptors.
-            unsafe { libc::close_range(from, k - 1, 0) };
+    let mut sorted: Vec<u32> = keep.iter().filter_map(|&k| u32::try_from(k).ok()).collect();
+    sorted.sort_unstable();
+    for k in sorted.into_iter().chain([u32::MAX]) {
+        // SAFETY: close_range on this (detached) process's own descriptors.
+        if k > from && unsafe { libc::close_range(from, k - 1, 0) } != 0 {
+            return close_listed_but(keep);
         }
         from = k.saturating_add(1);
+    }
+}
+
+fn close_listed_but(keep: &[RawFd]) {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+        // SAFETY: closing this (detached) process's own descriptors; the listing's
+        // own, already closed, fails harmlessly.
+        unsafe { libc::close(fd) };
     }
 }
 
