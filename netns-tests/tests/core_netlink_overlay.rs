@@ -1249,6 +1249,9 @@ fn peer_routes_use_nexthop_objects_of_ours_only() {
     );
     assert_eq!(ip_routes(&n.ns, true, 87), want_routes);
     assert_eq!(nexthops(), [foreign.clone(), ours.clone()]);
+    // The fallback stays: the next resync writes nothing and reports nothing.
+    assert_eq!(converge(&peers), Vec::<String>::new());
+    assert_eq!(ip_routes(&n.ns, true, 87), want_routes);
     assert_eq!(
         n.nl.owned_nexthops(87)
             .unwrap()

@@ -103,13 +103,21 @@ pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
     for &(dev, f) in desired.fdbs.difference(&actual.fdbs) {
         p.links.push(NetOp::ReplaceFdb(dev, f));
     }
-    for (id, n) in &desired.nexthops {
-        if actual.nexthops.get(id) != Some(n) {
+    for (dst, r) in &desired.routes {
+        let same = same_route(actual.routes.get(dst), r);
+        // A nexthop is written with its route, which DataPlane::apply writes with
+        // its own gateway instead should the nexthop fail; a route with its own
+        // gateway that is already right keeps it (a kernel or id that could not
+        // take the nexthop, or a route of an earlier weft) unless we hold a
+        // different nexthop for it.
+        let nexthop = r.nh.and_then(|id| desired.nexthops.get(&id)).filter(|n| {
+            let ours = actual.nexthops.get(&n.id);
+            ours != Some(*n) && (!same || ours.is_some())
+        });
+        if let Some(n) = nexthop {
             p.nexthops.push(NetOp::ReplaceNexthop(*n));
         }
-    }
-    for (dst, r) in &desired.routes {
-        if !same_route(actual.routes.get(dst), r) {
+        if !same || nexthop.is_some() {
             p.routes.push(NetOp::ReplaceRoute(*r));
         }
     }
@@ -135,14 +143,12 @@ pub fn plan(desired: &PeerState, actual: &PeerState) -> Plan {
 }
 
 /// Listings always name the device the kernel chose; a wanted route without an
-/// `oif` accepts any. A route through a nexthop object is compared by its id (the
-/// object itself is compared on its own).
+/// `oif` accepts any. A route through the wanted nexthop object is the same (the
+/// object is compared on its own), and so is one that forwards alike.
 fn same_route(have: Option<&OwnedRoute>, want: &OwnedRoute) -> bool {
     have.is_some_and(|h| {
-        h.nh == want.nh && h.protocol == want.protocol && want.nh.is_some()
-            || h.nh.is_none()
-                && want.nh.is_none()
-                && h.gw == want.gw
+        h.protocol == want.protocol && want.nh.is_some() && h.nh == want.nh
+            || h.gw == want.gw
                 && h.onlink == want.onlink
                 && h.protocol == want.protocol
                 && (want.oif.is_none() || h.oif == want.oif)
@@ -234,5 +240,44 @@ mod tests {
         assert!(same_route(Some(&have), &want));
         have.gw = "10.77.0.9".parse().unwrap();
         assert!(!same_route(Some(&have), &want));
+    }
+
+    #[test]
+    fn nexthops_are_written_with_their_route_and_a_working_fallback_stays() {
+        let nh = |gw: &str| Nexthop {
+            id: 183769856,
+            gw: gw.parse().unwrap(),
+            oif: 5,
+            onlink: true,
+            protocol: 87,
+        };
+        let mut want = route("10.244.27.0/24", "10.244.27.0", 5);
+        want.nh = Some(183769856);
+        let mut desired = PeerState::default();
+        desired.route(want);
+        desired.nexthop(nh("10.244.27.0"));
+
+        let p = plan(&desired, &PeerState::default());
+        assert_eq!(p.nexthops, [NetOp::ReplaceNexthop(nh("10.244.27.0"))]);
+        assert_eq!(p.routes, [NetOp::ReplaceRoute(want)]);
+
+        // The nexthop could not be written, the route went in with its own gateway:
+        // nothing to do on the next resync.
+        let mut fallback = PeerState::default();
+        fallback.route(route("10.244.27.0/24", "10.244.27.0", 5));
+        assert!(plan(&desired, &fallback).is_empty());
+
+        // Our nexthop points elsewhere: replaced, its route written again (so a
+        // failed replace still leaves the right gateway).
+        let mut stale = PeerState::default();
+        stale.route(OwnedRoute {
+            gw: "10.244.99.0".parse().unwrap(),
+            ..want
+        });
+        stale.nexthop(nh("10.244.99.0"));
+        let p = plan(&desired, &stale);
+        assert_eq!(p.nexthops, [NetOp::ReplaceNexthop(nh("10.244.27.0"))]);
+        assert_eq!(p.routes, [NetOp::ReplaceRoute(want)]);
+        assert!(p.unnexthops.is_empty());
     }
 }
