@@ -153,45 +153,38 @@ impl NexthopSocket {
     /// Create or replace each of `nhs`; per nexthop, `Err` if it could not be
     /// written or its id is another owner's.
     pub(super) fn replace(&self, nhs: &[Nexthop]) -> Vec<Result<()>> {
-        let created = self.batch(
-            nhs.iter()
-                .map(|n| (RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_EXCL, write_body(n))),
-        );
-        let taken: Vec<&Nexthop> = nhs
-            .iter()
-            .zip(&created)
-            .filter(|(_, r)| *r == &Err(libc::EEXIST))
-            .map(|(n, _)| n)
+        let write = |n: &Nexthop, flags| (RTM_NEWNEXTHOP, flags, write_body(n));
+        let mut out = self.batch(nhs.iter().map(|n| write(n, NLM_F_CREATE | NLM_F_EXCL)));
+        let taken: Vec<usize> = (0..nhs.len())
+            .filter(|&i| out[i] == Err(libc::EEXIST))
             .collect();
-        let owners = self.owners(taken.iter().map(|n| n.id));
-        let ours: Vec<&Nexthop> = taken
+        let mut foreign = vec![None; nhs.len()];
+        let mut ours = Vec::new();
+        for (&i, owner) in taken
             .iter()
-            .zip(&owners)
-            .filter(|(n, o)| **o == Ok(Some(n.protocol)))
-            .map(|(n, _)| *n)
-            .collect();
+            .zip(self.owners(taken.iter().map(|&i| nhs[i].id)))
+        {
+            match owner {
+                Ok(Some(p)) if p == nhs[i].protocol => ours.push(i),
+                Ok(Some(p)) => foreign[i] = Some(p),
+                Ok(None) => out[i] = Err(libc::ENOENT),
+                Err(e) => out[i] = Err(e),
+            }
+        }
         let replaced = self.batch(
             ours.iter()
-                .map(|n| (RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_REPLACE, write_body(n))),
+                .map(|&i| write(&nhs[i], NLM_F_CREATE | NLM_F_REPLACE)),
         );
-        let mut taken = taken.iter().zip(owners);
-        let mut replaced = ours.iter().zip(replaced);
+        for (&i, r) in ours.iter().zip(replaced) {
+            out[i] = r;
+        }
         nhs.iter()
-            .zip(created)
-            .map(|(n, r)| {
-                let r = match r {
-                    Err(libc::EEXIST) => match taken.next().map(|(_, o)| o) {
-                        Some(Ok(Some(p))) if p == n.protocol => replaced.next().map_or(Ok(()), |(_, r)| r),
-                        Some(Ok(Some(p))) => return Err(CniError::internal(format!(
-                            "writing {n}: the id is taken by a nexthop of protocol {p}, not ours"
-                        ))),
-                        Some(Ok(None)) => Err(libc::ENOENT),
-                        Some(Err(e)) => Err(e),
-                        None => Err(libc::EEXIST),
-                    },
-                    r => r,
-                };
-                r.map_err(|e| os(&format!("writing {n}"), e))
+            .zip(out.into_iter().zip(foreign))
+            .map(|(n, (r, foreign))| match foreign {
+                Some(p) => Err(CniError::internal(format!(
+                    "writing {n}: the id is taken by a nexthop of protocol {p}, not ours"
+                ))),
+                None => r.map_err(|e| os(&format!("writing {n}"), e)),
             })
             .collect()
     }
@@ -199,26 +192,24 @@ impl NexthopSocket {
     /// Delete the nexthops `ids` that carry `protocol` (and with them any route that
     /// still uses them); absent ones and other owners' are left alone.
     pub(super) fn delete(&self, ids: &[u32], protocol: u8) -> Vec<Result<()>> {
-        let owners = self.owners(ids.iter().copied());
-        let ours: Vec<u32> = ids
-            .iter()
-            .zip(&owners)
-            .filter(|(_, o)| **o == Ok(Some(protocol)))
-            .map(|(id, _)| *id)
-            .collect();
-        let mut deleted = ours
-            .iter()
-            .zip(self.batch(ours.iter().map(|id| (RTM_DELNEXTHOP, 0, id_body(*id)))));
+        let mut out = vec![Ok(()); ids.len()];
+        let mut ours = Vec::new();
+        for (i, owner) in self.owners(ids.iter().copied()).into_iter().enumerate() {
+            match owner {
+                Ok(Some(p)) if p == protocol => ours.push(i),
+                Ok(_) => {}
+                Err(e) => out[i] = Err(e),
+            }
+        }
+        let deleted = self.batch(ours.iter().map(|&i| (RTM_DELNEXTHOP, 0, id_body(ids[i]))));
+        for (&i, r) in ours.iter().zip(deleted) {
+            out[i] = r;
+        }
         ids.iter()
-            .zip(owners)
-            .map(|(id, o)| {
-                let r = match o {
-                    Ok(Some(p)) if p == protocol => deleted.next().map_or(Ok(()), |(_, r)| r),
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e),
-                };
-                r.or_else(|e| if e == libc::ENOENT { Ok(()) } else { Err(e) })
-                    .map_err(|e| os(&format!("deleting nexthop id {id}"), e))
+            .zip(out)
+            .map(|(id, r)| match r {
+                Err(e) if e != libc::ENOENT => Err(os(&format!("deleting nexthop id {id}"), e)),
+                _ => Ok(()),
             })
             .collect()
     }
