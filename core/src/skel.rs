@@ -84,8 +84,8 @@ pub struct Env {
     pub path: Vec<PathBuf>,
 }
 
-/// Order in which missing variables are listed, as libcni does.
-const VAR_ORDER: [&str; 6] = [
+/// The CNI_* variables a plugin reads, in the order libcni lists missing ones.
+pub const VAR_ORDER: [&str; 6] = [
     "CNI_COMMAND",
     "CNI_CONTAINERID",
     "CNI_NETNS",

@@ -14,18 +14,9 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use weft_core::Result;
-use weft_core::skel::{self, About, Command, Env, Plugin, Request};
+use weft_core::skel::{self, About, Command, Env, Plugin, Request, VAR_ORDER};
 use weft_core::spec::CniResult;
 use weft_fuzz::SUPPORTED;
-
-const VARS: [&str; 6] = [
-    "CNI_COMMAND",
-    "CNI_CONTAINERID",
-    "CNI_NETNS",
-    "CNI_IFNAME",
-    "CNI_ARGS",
-    "CNI_PATH",
-];
 
 const ABOUT: About = About {
     name: "fuzz",
@@ -62,7 +53,7 @@ impl Plugin for Noop {
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     let mut vals: Vec<Option<String>> = Vec::new();
-    for _ in VARS {
+    for _ in VAR_ORDER {
         let (line, tail) = match rest.iter().position(|b| *b == b'\n') {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, &[][..]),
@@ -77,7 +68,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let stdin = rest;
     let var = |k: &str| {
-        VARS.iter()
+        VAR_ORDER
+            .iter()
             .position(|v| *v == k)
             .and_then(|i| vals[i].clone())
     };
