@@ -121,7 +121,7 @@ install_deps() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-        build-essential protobuf-compiler nftables iproute2 util-linux >/dev/null
+        build-essential protobuf-compiler libprotobuf-dev nftables iproute2 util-linux >/dev/null
     if [ $DEMO = 1 ]; then   # the demo's etcd, and its traffic checks
         apt-get install -y -qq --no-install-recommends etcd-server iputils-ping curl >/dev/null
     fi
