@@ -11,7 +11,7 @@ use crate::error::Result;
 use nix::unistd::{ForkResult, fork};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-/// Run `work` in a detached grandchild process (own session, stdio on /dev/null, so
+/// Run `work` in a detached child process (own session, stdio on /dev/null, so
 /// the runtime reading our stdout sees EOF when we exit), or inline when forking is
 /// not safe (more than one thread) or fails. Errors of the detached work are logged.
 pub fn run(what: &str, work: impl FnOnce() -> Result<()>) {
@@ -19,22 +19,22 @@ pub fn run(what: &str, work: impl FnOnce() -> Result<()>) {
         detach_stdio();
         logged(what, work)
     };
-    if let Err(inline) = in_grandchild(detached) {
+    if let Err(inline) = detached_child(detached) {
         inline()
     }
 }
 
 /// Close `fd` in a detached process a little after this one has exited, for a
-/// descriptor whose last close blocks in the kernel. The one in mind: a
-/// NETLINK_NETFILTER socket closed while nf_tables still has deleted objects to
-/// release (from any transaction on the host, until its release worker starts, which
-/// is normally within a millisecond) waits for that worker and its RCU grace period
-/// (~10 ms, most of a portmap DEL), holding the lock every nf_tables transaction
-/// takes. Closing [`LATE_CLOSE`] after our exit almost always finds the worker
-/// started, so the close neither delays us nor blocks the next plugin's transaction.
-/// Waiting for our exit (EOF on a pipe only we hold open) makes the detached close
-/// the last one; the detached process keeps no other descriptor, so no lock of ours
-/// outlives us in it.
+/// descriptor whose last close blocks in the kernel. The one in mind: releasing any
+/// NETLINK_NETFILTER socket flushes nf_tables' release worker (nft_rcv_nl_event),
+/// holding the lock every nf_tables transaction takes. While a transaction that
+/// deleted something, ours or another program's, is still being released (an RCU
+/// grace period, ~10 ms), that release waits for it: most of a portmap DEL, and of an
+/// ADD right after a DEL. Closing
+/// [`LATE_CLOSE`] after our exit almost always finds the worker done, so the close
+/// neither delays us nor blocks the next plugin's transaction. Waiting for our exit
+/// (EOF on a pipe only we hold open) makes the detached close the last one; the
+/// detached process keeps no other descriptor, so no lock of ours outlives us in it.
 pub fn close(fd: OwnedFd) {
     let Ok((exited, alive)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
         return drop(fd);
@@ -50,7 +50,7 @@ pub fn close(fd: OwnedFd) {
         std::thread::sleep(LATE_CLOSE);
         drop(fd);
     };
-    match in_grandchild(detached) {
+    match detached_child(detached) {
         // Open until we exit; exec'd children do not inherit it (O_CLOEXEC).
         Ok(()) => std::mem::forget(alive),
         // Not detached: close here (dropping the work closes what it holds).
@@ -58,27 +58,22 @@ pub fn close(fd: OwnedFd) {
     }
 }
 
-/// Run `f` in a grandchild in a session of its own, adopted by init or the runtime's
-/// subreaper once its parent (which exits at once) is reaped here; `Err(f)` when
-/// forking is not safe (more than one thread) or fails. In this process, `f` and what
-/// it owns are dropped.
-fn in_grandchild<F: FnOnce()>(f: F) -> std::result::Result<(), F> {
+/// Run `f` in a child process in a session of its own, left to outlive us: once we
+/// exit, init (or the runtime's subreaper) adopts and reaps it. Not waited for here
+/// (one fork, nothing on our path but the fork itself); a child that finishes
+/// before we exit stays a zombie only until then. `Err(f)` when forking is not safe
+/// (more than one thread) or fails. In this process, `f` and what it owns are dropped.
+fn detached_child<F: FnOnce()>(f: F) -> std::result::Result<(), F> {
     if !single_threaded() {
         return Err(f);
     }
     // SAFETY: this process has a single thread (checked above), so the child is a
     // consistent copy of it: allocation, locks and libraries are all usable there.
     match unsafe { fork() } {
-        Ok(ForkResult::Parent { child }) => {
-            let _ = nix::sys::wait::waitpid(child, None);
-            Ok(())
-        }
+        Ok(ForkResult::Parent { .. }) => Ok(()),
         Ok(ForkResult::Child) => {
-            // SAFETY: still single-threaded, as above.
-            if let Ok(ForkResult::Child) = unsafe { fork() } {
-                let _ = nix::unistd::setsid();
-                f();
-            }
+            let _ = nix::unistd::setsid();
+            f();
             // SAFETY: _exit skips atexit handlers and stdio flushing, which belong to
             // the parent.
             unsafe { libc::_exit(0) }

@@ -12,7 +12,7 @@
 use crate::error::{CniError, Result};
 use crate::nfnetlink::{
     Attrs, Msg, NFGENMSG_LEN, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
-    attrs, errno,
+    NfSocket, attrs, errno,
 };
 use netlink_sys::Socket;
 
@@ -222,7 +222,7 @@ fn kernel_err(errno: i32) -> CniError {
     CniError::internal(std::io::Error::from_raw_os_error(errno).to_string())
 }
 
-fn open() -> Result<Socket> {
+fn open() -> Result<NfSocket> {
     crate::nfnetlink::open().map_err(|e| CniError::io("ctnetlink socket", e))
 }
 

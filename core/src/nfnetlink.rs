@@ -3,7 +3,7 @@
 //! `nfgenmsg`, splitting a reply datagram, and the socket.
 
 use netlink_sys::{Socket, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
 pub(crate) const NETLINK_NETFILTER: isize = 12;
 pub(crate) const NLM_F_REQUEST: u16 = 0x1;
@@ -126,11 +126,34 @@ pub(crate) fn errno(body: &[u8]) -> i32 {
 
 /// A NETLINK_NETFILTER socket of the calling thread's namespace, bound and
 /// connected to the kernel.
-pub(crate) fn open() -> std::io::Result<Socket> {
+pub(crate) fn open() -> std::io::Result<NfSocket> {
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
-    Ok(sock)
+    Ok(NfSocket(Some(sock)))
+}
+
+/// A NETLINK_NETFILTER socket released after this process has exited
+/// ([`crate::background::close`]): its release may wait on nf_tables' release
+/// worker for ~10 ms, whichever program's transaction queued the work.
+pub(crate) struct NfSocket(Option<Socket>);
+
+impl std::ops::Deref for NfSocket {
+    type Target = Socket;
+
+    fn deref(&self) -> &Socket {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for NfSocket {
+    fn drop(&mut self) {
+        if let Some(sock) = self.0.take() {
+            // SAFETY: into_raw_fd hands over the socket's only descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) };
+            crate::background::close(fd);
+        }
+    }
 }
 
 /// Make `sock` take a batch of `bytes` holding `messages` acknowledged messages.

@@ -222,12 +222,6 @@ pub(super) fn apply(ops: &[(&ElemOp, &str)]) -> Result<(), NftError> {
         }
     }
     if errors.is_empty() {
-        if elem_ops.iter().any(|op| op.verb == ElemVerb::Delete) {
-            use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-            // SAFETY: into_raw_fd hands over the socket's only descriptor.
-            let fd = unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) };
-            crate::background::close(fd);
-        }
         return Ok(());
     }
     errors.sort_by_key(|e| e.line);
