@@ -768,6 +768,12 @@ impl Transaction {
         self.push(s)
     }
 
+    /// `delete set`: a set (not a map). Fails with [`ErrorKind::Busy`] while a rule
+    /// refers to it (rebuild that chain first, in the same transaction).
+    pub fn delete_set(&mut self, family: Family, table: &Ident, name: &Ident) -> &mut Self {
+        self.push(format!("delete set {family} {table} {name}"))
+    }
+
     pub fn flush_set(&mut self, family: Family, table: &Ident, name: &Ident) -> &mut Self {
         self.push(format!("flush set {family} {table} {name}"))
     }

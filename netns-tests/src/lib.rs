@@ -154,6 +154,31 @@ pub fn unique_name(tag: &str) -> String {
     format!("{tag}-{}-{n}", std::process::id())
 }
 
+/// Every file under portmap's data dir `dir`, in it or in its subdirectories (the
+/// records are spread over 256 of them), by name. Empty when `dir` does not exist.
+pub fn portmap_files(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let entries = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .map(|e| e.expect("readable directory entry"))
+            .collect::<Vec<_>>()
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for e in entries(dir) {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            names.extend(entries(&e.path()).iter().map(name_of));
+        } else {
+            names.insert(name_of(&e));
+        }
+    }
+    names
+}
+
+fn name_of(e: &std::fs::DirEntry) -> String {
+    e.file_name().to_string_lossy().into_owned()
+}
+
 /// host-local's reservations in one network's state directory: files named by an
 /// address, with their contents. Empty when the directory does not exist.
 pub fn reservations(net_dir: &std::path::Path) -> std::collections::BTreeMap<String, String> {

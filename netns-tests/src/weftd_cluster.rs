@@ -1027,14 +1027,14 @@ pub fn attachment_leftovers(
             .collect()
     };
     left.extend(files(saved).iter().map(|f| format!("saved config {f}")));
-    let records = files("portmap");
+    let records = crate::portmap_files(&root.join("portmap"));
     let records = records.iter().filter(|f| f.ends_with(".json"));
     left.extend(records.map(|f| format!("portmap record {f}")));
     let table = ns.exec(&["nft", "-j", "list", "table", "inet", "weft_portmap"]);
     let table: Value = serde_json::from_slice(&table.stdout).unwrap_or(Value::Null);
-    let maps = table["nftables"].as_array().into_iter().flatten();
-    let elems =
-        maps.filter_map(|o| Some((o["map"]["name"].as_str()?, o["map"]["elem"].as_array()?)));
+    let sets = table["nftables"].as_array().into_iter().flatten();
+    let sets = sets.filter_map(|o| o.get("map").or_else(|| o.get("set")));
+    let elems = sets.filter_map(|s| Some((s["name"].as_str()?, s["elem"].as_array()?)));
     for (map, elem) in elems {
         left.extend(elem.iter().map(|e| format!("portmap {map} element {e}")));
     }

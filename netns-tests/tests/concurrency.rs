@@ -197,7 +197,7 @@ fn nft_atom(v: &Value) -> String {
     }
 }
 
-/// Every map of `<family> <table>` in `ns` with its elements; empty without the table.
+/// Every map and set of `<family> <table>` in `ns` with its elements; empty without the table.
 fn nft_maps(ns: &TestNetns, family: &str, table: &str) -> BTreeMap<String, Vec<Elem>> {
     let out = ns.exec(&["nft", "-j", "list", "table", family, table]);
     let mut maps = BTreeMap::new();
@@ -206,10 +206,19 @@ fn nft_maps(ns: &TestNetns, family: &str, table: &str) -> BTreeMap<String, Vec<E
     }
     let v: Value = serde_json::from_slice(&out.stdout).expect("nft -j prints JSON");
     for item in v["nftables"].as_array().into_iter().flatten() {
-        let Some(map) = item.get("map") else { continue };
+        // Sets too: their elements have no value.
+        let (map, is_map) = match (item.get("map"), item.get("set")) {
+            (Some(m), _) => (m, true),
+            (None, Some(s)) => (s, false),
+            (None, None) => continue,
+        };
         let name = map["name"].as_str().unwrap_or("?").to_string();
         let elems = map["elem"].as_array().into_iter().flatten().map(|e| {
-            let (k, val) = (&e[0], &e[1]);
+            let (k, val) = if is_map {
+                (&e[0], &e[1])
+            } else {
+                (e, &Value::Null)
+            };
             let (key, comment) = match k.get("elem") {
                 Some(inner) => (
                     nft_atom(&inner["val"]),
@@ -974,13 +983,8 @@ impl PmNode {
     }
 
     fn records(&self) -> BTreeSet<String> {
-        let dir = std::fs::read_dir(self.node.dir.join("portmap"));
-        dir.into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".json"))
-            .collect()
+        let files = netns_tests::portmap_files(&self.node.dir.join("portmap"));
+        files.into_iter().filter(|n| n.ends_with(".json")).collect()
     }
 
     /// The node holds exactly `winners`' state (cid → (ip, veth, hostPort)): one
@@ -1074,16 +1078,19 @@ impl PmNode {
                 .or_default()
                 .insert(format!("0.0.0.0 . {key}"));
         }
+        // The class sets (one here: IPv4, no hostIP) are shown as "ports_v4".
+        let is_class = |m: &str| m.starts_with("pm-") && m.ends_with("-a4");
         let have_pm: BTreeMap<String, BTreeSet<String>> = maps
             .iter()
             .filter(|(_, es)| !es.is_empty())
             .map(|(m, es)| {
-                let shown = es.iter().map(|e| match m.as_str() {
+                let m = if is_class(m) { "ports_v4" } else { m.as_str() };
+                let shown = es.iter().map(|e| match m {
                     "ports_v4" => format!("{} [{}]", e.key, e.comment.as_deref().unwrap_or("")),
                     "targets_v4" => format!("{} -> {}", e.key, e.value),
                     _ => e.key.clone(),
                 });
-                (m.clone(), shown.collect())
+                (m.to_string(), shown.collect())
             })
             .collect();
         if have_pm != want_pm {

@@ -169,11 +169,7 @@ impl Node {
 
     /// portmap's files: a record per attachment, nothing else.
     fn records(&self) -> BTreeSet<String> {
-        let dir = std::fs::read_dir(self.dir.join("portmap"));
-        let names = dir.into_iter().flatten().flatten();
-        names
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
+        netns_tests::portmap_files(&self.dir.join("portmap"))
     }
 
     /// (bridge ports, veths anywhere on the node).

@@ -32,7 +32,7 @@ pub fn add(req: &Request, conf: &PortMapConf) -> Result<CniResult> {
             network: req.conf.name.clone(),
             container_id: env.container_id.clone(),
             ifname: env.ifname.clone(),
-            keys: plan.keys(),
+            keys: plan.installed(),
         },
     )?;
     let done = fault::point("portmap.recorded")
@@ -42,7 +42,7 @@ pub fn add(req: &Request, conf: &PortMapConf) -> Result<CniResult> {
                 .and_then(|()| enable_localhost(conf, &plan))
                 .and_then(|()| fault::point("portmap.localhost"))
                 .inspect_err(|_| {
-                    if let Err(e) = rules::del_tx(&plan.keys(), &att.owner())
+                    if let Err(e) = rules::del_tx(&plan.installed(), &att.owner())
                         .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
                     {
                         weft_core::warn!("rolling back the mappings failed: {e}");
@@ -73,10 +73,13 @@ fn install(att: &Attachment<'_>, conf: &PortMapConf, plan: &Plan) -> Result<()> 
     };
     weft_core::debug!("portmap fast path for {att:?}: {e}; repairing");
     if e.has(ErrorKind::NotFound) {
-        plan.ensure_tx(conf).apply().map_err(setup_err)?;
+        // The other classes' `hostports` rules are rebuilt with this plan's.
+        let listing = rules::list().map_err(setup_err)?;
+        let existing = listing.as_ref().map(rules::classes).unwrap_or_default();
+        plan.ensure_tx(conf, &existing).apply().map_err(setup_err)?;
     }
     if e.has(ErrorKind::Exists) {
-        rules::del_tx(&plan.keys(), &att.owner())
+        rules::del_tx(&plan.installed(), &att.owner())
             .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
             .map_err(setup_err)?;
     }
@@ -94,8 +97,8 @@ fn conflict(plan: &Plan) -> CniError {
     for e in &plan.entries {
         let holder = listing
             .as_ref()
-            .and_then(|l| rules::verdict_of(l, &e.key))
-            .map(|(comment, _)| comment.unwrap_or_else(|| "an unnamed attachment".into()));
+            .and_then(|l| rules::holders(l, &e.key).into_iter().next())
+            .map(|(_, comment)| comment.unwrap_or_else(|| "an unnamed attachment".into()));
         if let Some(h) = holder {
             taken.push(format!("{} is held by {h}", e.key));
         }

@@ -1,48 +1,37 @@
 //! DEL and GC: remove mappings by owner, with or without what the runtime resends.
 
-use crate::config::{self, PortMapConf};
-use crate::rules::{self, Key};
+use crate::config::PortMapConf;
+use crate::rules;
 use crate::state;
 use weft_core::error::{CniError, Result};
 use weft_core::masq::Attachment;
 use weft_core::nft::ErrorKind;
 use weft_core::skel::Request;
 
-/// Keys come from ADD's record, else from the runtime's portMappings if it resent
-/// them (in both families: no prevResult needed). With neither, the table is listed and
-/// every key this container and ifname own is removed, under any network name.
-/// Idempotent; never removes a key another attachment holds.
+/// Keys come from ADD's record. Without one (the runtime's portMappings name no
+/// class), the table is listed and every key this container and ifname own is
+/// removed, under any network name. Idempotent; never removes a key another
+/// attachment holds.
 pub fn del(req: &Request, conf: &PortMapConf) -> Result<()> {
     let env = &req.env;
-    let record = state::load(&conf.data_dir, &env.container_id, &env.ifname);
-    let mappings = config::port_mappings(req).unwrap_or_else(|e| {
-        weft_core::warn!("DEL ignores runtimeConfig.portMappings: {e}");
-        Vec::new()
-    });
-    let network = record
-        .as_ref()
-        .map_or(req.conf.name.as_str(), |r| &r.network);
-    let owner = Attachment::new(network, &env.container_id, &env.ifname).owner();
-    // The record is exact; the mappings name both families' keys and would cost a
-    // failed kernel transaction for the family the pod does not have.
-    let keys: Vec<Key> = match &record {
-        Some(r) => r.keys.clone(),
-        None => mappings.iter().flat_map(Key::all_of).collect(),
-    };
-    let tx = if record.is_none() && mappings.is_empty() {
-        let Some(l) = rules::list().map_err(|e| e.context("portmap teardown"))? else {
-            return Ok(());
-        };
-        let mine = Attachment::new("", &env.container_id, &env.ifname).owner();
-        let mut tx = weft_core::nft::Transaction::new();
-        for (key, o) in rules::owned(&l) {
-            if o[2..] == mine[2..] {
-                tx.extend(rules::del_tx(&[key], &o));
-            }
+    let tx = match state::load(&conf.data_dir, &env.container_id, &env.ifname) {
+        Some(r) => {
+            let owner = Attachment::new(&r.network, &env.container_id, &env.ifname).owner();
+            rules::del_tx(&r.keys, &owner)
         }
-        tx
-    } else {
-        rules::del_tx(&keys, &owner)
+        None => {
+            let Some(l) = rules::list().map_err(|e| e.context("portmap teardown"))? else {
+                return Ok(());
+            };
+            let mine = Attachment::new("", &env.container_id, &env.ifname).owner();
+            let mut tx = weft_core::nft::Transaction::new();
+            for (key, o) in rules::owned(&l) {
+                if o[2..] == mine[2..] {
+                    tx.extend(rules::del_tx(&rules::installed_in(&l, key), &o));
+                }
+            }
+            tx
+        }
     };
     tx.apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
         .map_err(|e| CniError::from(e).context("portmap teardown"))?;
@@ -75,7 +64,9 @@ pub fn gc(req: &Request, conf: &PortMapConf) -> Result<()> {
         }
     }
     // Half-written records of ADDs killed mid-write.
-    weft_core::atomic_file::remove_orphans(&conf.data_dir)
-        .map_err(|e| CniError::io(format!("portmap GC in {}", conf.data_dir.display()), e))?;
+    for dir in state::dirs(&conf.data_dir) {
+        weft_core::atomic_file::remove_orphans(&dir)
+            .map_err(|e| CniError::io(format!("portmap GC in {}", dir.display()), e))?;
+    }
     Ok(())
 }

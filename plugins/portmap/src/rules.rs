@@ -4,39 +4,40 @@
 //! # Layout: table `inet weft_portmap`
 //! ```text
 //! table inet weft_portmap {
-//!   map ports_v4          { type inet_proto . inet_service : verdict             # no hostIP
-//!                           elements = { tcp . 8080 comment "net:N id:C if:eth0" : jump pm-<h(N)>-<h(opts)>-a } }
-//!   map hostip_ports_v4   { type ipv4_addr . inet_proto . inet_service : verdict # with hostIP
-//!                           elements = { 192.0.2.1 . udp . 5353 comment "…" : jump pm-…-h } }
+//!   set pm-<h(N)>-<h(opts, subnet)>-a4 { type inet_proto . inet_service        # no hostIP
+//!                           elements = { tcp . 8080 comment "net:N id:C if:eth0" } }
+//!   set pm-…-h4           { type ipv4_addr . inet_proto . inet_service          # with hostIP
+//!                           elements = { 192.0.2.1 . udp . 5353 comment "…" } }
 //!   map targets_v4        { type inet_proto . inet_service : ipv4_addr . inet_service
 //!                           elements = { tcp . 8080 : 10.85.0.2 . 80 } }
 //!   map hostip_targets_v4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service }
 //!   map owners_v4         { type ipv4_addr . inet_proto . inet_service : mark . mark . mark . mark
 //!                           elements = { 0.0.0.0 . tcp . 8080 : <h64(N)> . <h64(C, eth0)> } }
-//!   (the same five for IPv6)
+//!   (the same three maps for IPv6; sets -a6 and -h6)
 //!   chain prerouting { type nat hook prerouting priority dstnat; policy accept;
 //!                      fib daddr type local jump hostports }
 //!   chain output     { type nat hook output priority dstnat; policy accept;
 //!                      fib daddr type local jump hostports }
-//!   chain hostports {
-//!     ip daddr . meta l4proto . th dport vmap @hostip_ports_v4      # a hostIP match wins
-//!     meta nfproto ipv4 meta l4proto . th dport vmap @ports_v4
-//!     ip6 daddr . meta l4proto . th dport vmap @hostip_ports_v6
-//!     meta nfproto ipv6 meta l4proto . th dport vmap @ports_v6 }
-//!   chain pm-<h(N)>-<h(options, subnet)>-a {   # one per network, options and pod subnet
+//!   chain hostports {                                # one rule per class, hostIP first
+//!     ip daddr . meta l4proto . th dport @pm-…-h4 jump pm-…-h4
+//!     meta nfproto ipv4 meta l4proto . th dport @pm-…-a4 jump pm-…-a4 }
+//!   chain pm-<h(N)>-<h(options, subnet)>-a4 {   # one class per network, options, pod subnet
 //!     <conditionsV4> ip saddr 10.85.0.0/24 meta mark set meta mark | 0x00002000   # hairpin
 //!     <conditionsV4> ip saddr 127.0.0.0/8 meta mark set meta mark | 0x00002000    # localhost
 //!     <conditionsV4> dnat ip to meta l4proto . th dport map @targets_v4 }
-//!   chain pm-…-h { the same, DNAT through hostip_targets_v4 keyed by ip daddr too }
+//!   chain pm-…-h4 { the same, DNAT through hostip_targets_v4 keyed by ip daddr too }
 //!   chain masq-bit13 { type nat hook postrouting priority srcnat; policy accept;
 //!                      meta mark & 0x00002000 == 0x00002000 masquerade }
 //! }
 //! ```
-//! A mapping is three elements: its verdict (which options apply), its target and its
-//! owner. ADD only adds elements, which go to the kernel over nfnetlink in one batch
-//! with no `nft` process; the chains are built once per network on a repair path.
-//! nft cannot put a constant into a concatenated lookup key, hence the separate maps
-//! for mappings with and without a hostIP.
+//! A mapping is three elements: its key in its class's set (which options apply),
+//! its target and its owner. ADD only adds elements, which go to the kernel over
+//! nfnetlink in one batch with no `nft` process; a class's set, chain and
+//! `hostports` rule are built once, on a repair path. No element holds a verdict: an
+//! element that jumps makes the kernel re-validate every chain and jump of the table
+//! at commit, which walks every such element (~1 ms per ADD at 5,000 mappings).
+//! nft cannot put a constant into a concatenated lookup key, hence the separate
+//! target maps for mappings with and without a hostIP.
 //!
 //! # Owners
 //! As in [`weft_core::masq`]: a delete first `add`s the attachment's own owner
@@ -47,7 +48,7 @@
 use crate::config::{PortMapConf, PortMapping, Protocol};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use weft_core::masq::{self, Attachment, OWNER_TYPE, Owner};
 use weft_core::nft::{
@@ -82,15 +83,6 @@ impl Key {
         if self.v6 { "v6" } else { "v4" }
     }
 
-    fn ports_map(&self) -> Ident {
-        let kind = if self.host_ip.is_some() {
-            "hostip_ports"
-        } else {
-            "ports"
-        };
-        Ident::constant(&format!("{kind}_{}", self.family()))
-    }
-
     fn targets_map(&self) -> Ident {
         targets_map(self.v6, self.host_ip.is_some())
     }
@@ -122,23 +114,6 @@ impl Key {
             Value::Port(self.host_port),
         ])
     }
-
-    /// The keys a mapping can have, in both families: what a DEL that only knows the
-    /// runtime's portMappings must look at.
-    pub fn all_of(m: &PortMapping) -> Vec<Key> {
-        let fams: &[bool] = match m.host_ip {
-            Some(ip) => &[ip.is_ipv6()][..],
-            None => &[false, true],
-        };
-        fams.iter()
-            .map(|&v6| Key {
-                host_ip: m.host_ip,
-                v6,
-                protocol: m.protocol,
-                host_port: m.host_port,
-            })
-            .collect()
-    }
 }
 
 impl std::fmt::Display for Key {
@@ -162,15 +137,26 @@ pub struct Entry {
     pub key: Key,
     pub pod: IpAddr,
     pub container_port: u16,
-    pub chain: Ident,
+    /// Its class: the set holding the key and the chain it jumps to (one name).
+    pub class: Ident,
 }
 
-/// What ADD installs for an attachment: the entries and the chains they jump to.
+/// A key as ADD installed it, with its class: ADD's record, what DEL removes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Installed {
+    #[serde(flatten)]
+    pub key: Key,
+    /// `None`: no class set holds the key (a listing found only its other elements).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+/// What ADD installs for an attachment: the entries and their classes.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub entries: Vec<Entry>,
-    /// `(chain, pod subnet, with hostIP)` for each chain the entries use.
-    chains: Vec<(Ident, IpNet, bool)>,
+    /// `(class, pod subnet, with hostIP)` for each class the entries use.
+    classes: Vec<(Ident, IpNet, bool)>,
 }
 
 impl Plan {
@@ -186,9 +172,9 @@ impl Plan {
                     continue;
                 }
                 let with_ip = m.host_ip.is_some();
-                let chain = network_chain(network, conf, ip, with_ip);
-                if !plan.chains.iter().any(|(c, _, _)| *c == chain) {
-                    plan.chains.push((chain.clone(), ip.trunc(), with_ip));
+                let class = class_name(network, conf, ip, with_ip);
+                if !plan.classes.iter().any(|(c, _, _)| *c == class) {
+                    plan.classes.push((class.clone(), ip.trunc(), with_ip));
                 }
                 plan.entries.push(Entry {
                     key: Key {
@@ -199,19 +185,25 @@ impl Plan {
                     },
                     pod: ip.addr(),
                     container_port: m.container_port,
-                    chain,
+                    class,
                 });
             }
         }
         plan
     }
 
-    pub fn keys(&self) -> Vec<Key> {
-        self.entries.iter().map(|e| e.key).collect()
+    pub fn installed(&self) -> Vec<Installed> {
+        self.entries
+            .iter()
+            .map(|e| Installed {
+                key: e.key,
+                class: Some(e.class.to_string()),
+            })
+            .collect()
     }
 
     /// ADD's fast path: three `add element`s per entry, nothing else. Fails
-    /// atomically with ENOENT when the table, a map or a chain is missing, and with
+    /// atomically with ENOENT when the table, a map or a class is missing, and with
     /// EEXIST when a key is held by another attachment (or by this one with other
     /// values).
     pub fn add_tx(&self, att: &Attachment<'_>) -> Transaction {
@@ -223,10 +215,8 @@ impl Plan {
             tx.add_elements(
                 FAMILY,
                 &t,
-                &k.ports_map(),
-                &[Element::new(k.value())
-                    .comment(att.comment())
-                    .verdict(Verdict::Jump(e.chain.clone()))],
+                &e.class,
+                &[Element::new(k.value()).comment(att.comment())],
             )
             .add_elements(
                 FAMILY,
@@ -247,15 +237,27 @@ impl Plan {
         tx
     }
 
-    /// The base objects and this plan's chains (`add chain` + `flush chain` + rules:
-    /// idempotent, atomic, repairs tampering). ~20 ms: only when the fast path failed.
-    pub fn ensure_tx(&self, conf: &PortMapConf) -> Transaction {
+    /// The base objects, this plan's classes and `hostports` dispatching to them and
+    /// to the `existing` classes of a listing (`add` + `flush` + rules: idempotent,
+    /// atomic, repairs tampering). ~20 ms: only when the fast path failed.
+    pub fn ensure_tx(&self, conf: &PortMapConf, existing: &[Ident]) -> Transaction {
         let t = table();
-        let mut tx = ensure_tx(conf);
-        for (chain, subnet, with_ip) in &self.chains {
+        let mut tx = base_tx();
+        for (class, subnet, with_ip) in &self.classes {
+            let v6 = subnet.addr().is_ipv6();
+            tx.add_set(
+                FAMILY,
+                &t,
+                class,
+                &SetDecl::set(class_key_type(v6, *with_ip)),
+            );
             let rules = chain_rules(conf, subnet, *with_ip);
-            tx.rebuild_chain(FAMILY, &t, chain, None, None, &rules);
+            tx.rebuild_chain(FAMILY, &t, class, None, None, &rules);
         }
+        let mut all: Vec<Ident> = existing.to_vec();
+        all.extend(self.classes.iter().map(|(c, _, _)| c.clone()));
+        dispatch_tx(&mut tx, &all);
+        base_chains_tx(&mut tx, conf);
         tx
     }
 }
@@ -265,10 +267,12 @@ fn targets_map(v6: bool, with_ip: bool) -> Ident {
     Ident::constant(&format!("{kind}_{}", if v6 { "v6" } else { "v4" }))
 }
 
-/// `pm-<h(network)>-<h(layout, options, subnet)>-a|h`: one chain per network, set of
-/// options and pod subnet (`h` with a hostIP, `a` without).
-fn network_chain(network: &str, conf: &PortMapConf, ip: &IpNet, with_ip: bool) -> Ident {
-    let conditions = if ip.addr().is_ipv4() {
+/// `pm-<h(network)>-<h(layout, options, subnet)>-a4|a6|h4|h6`: one class (set and
+/// chain) per network, set of options and pod subnet (`h` with a hostIP, `a`
+/// without; the IP version last).
+fn class_name(network: &str, conf: &PortMapConf, ip: &IpNet, with_ip: bool) -> Ident {
+    let v4 = ip.addr().is_ipv4();
+    let conditions = if v4 {
         &conf.conditions_v4
     } else {
         &conf.conditions_v6
@@ -279,11 +283,35 @@ fn network_chain(network: &str, conf: &PortMapConf, ip: &IpNet, with_ip: bool) -
     );
     let subnet = ip.trunc().to_string();
     Ident::constant(&format!(
-        "{}{}-{}",
+        "{}{}-{}{}",
         network_chain_prefix(network),
         nft::hash_hex(&[CHAIN_LAYOUT, &opts, &subnet]),
-        if with_ip { "h" } else { "a" }
+        if with_ip { "h" } else { "a" },
+        if v4 { "4" } else { "6" }
     ))
+}
+
+/// A class's `(v6, with hostIP)` from its name; `None` for other names.
+fn class_kind(name: &str) -> Option<(bool, bool)> {
+    if !name.starts_with("pm-") {
+        return None;
+    }
+    let (_, kind) = name.rsplit_once('-')?;
+    match kind {
+        "a4" => Some((false, false)),
+        "a6" => Some((true, false)),
+        "h4" => Some((false, true)),
+        "h6" => Some((true, true)),
+        _ => None,
+    }
+}
+
+fn class_key_type(v6: bool, with_ip: bool) -> &'static str {
+    match (v6, with_ip) {
+        (_, false) => "inet_proto . inet_service",
+        (false, true) => "ipv4_addr . inet_proto . inet_service",
+        (true, true) => "ipv6_addr . inet_proto . inet_service",
+    }
 }
 
 /// How every chain of `network` starts.
@@ -345,57 +373,74 @@ fn nat_chain(hook: Hook, priority: Priority) -> BaseChain {
     }
 }
 
-/// The table, its ten maps, the `hostports` lookup chain, the two DNAT base chains
-/// and, with snat, the masquerade base chain of the configured mark bit.
-pub fn ensure_tx(conf: &PortMapConf) -> Transaction {
+/// The table and its six maps.
+fn base_tx() -> Transaction {
     let t = table();
     let mut tx = Transaction::new();
     tx.add_table(FAMILY, &t, Some(&Comment::new(TABLE_COMMENT)));
     for fam in ["v4", "v6"] {
-        let target: &'static str = if fam == "v4" {
-            "ipv4_addr . inet_service"
+        let (target, with_ip) = if fam == "v4" {
+            ("ipv4_addr . inet_service", class_key_type(false, true))
         } else {
-            "ipv6_addr . inet_service"
+            ("ipv6_addr . inet_service", class_key_type(true, true))
         };
-        let with_ip: &'static str = if fam == "v4" {
-            "ipv4_addr . inet_proto . inet_service"
-        } else {
-            "ipv6_addr . inet_proto . inet_service"
-        };
-        let any = "inet_proto . inet_service";
         for (name, decl) in [
-            ("ports", SetDecl::map(any, "verdict")),
-            ("hostip_ports", SetDecl::map(with_ip, "verdict")),
-            ("targets", SetDecl::map(any, target)),
+            (
+                "targets",
+                SetDecl::map(class_key_type(false, false), target),
+            ),
             ("hostip_targets", SetDecl::map(with_ip, target)),
             ("owners", SetDecl::map(with_ip, OWNER_TYPE)),
         ] {
-            tx.add_set(
-                FAMILY,
-                &t,
-                &Ident::constant(&format!("{name}_{fam}")),
-                &decl,
-            );
+            let name = Ident::constant(&format!("{name}_{fam}"));
+            tx.add_set(FAMILY, &t, &name, &decl);
         }
     }
-    let hostports = Ident::constant(HOSTPORTS);
-    let lookups: Vec<Rule> = [
-        ("ip daddr . meta l4proto . th dport vmap", "hostip_ports_v4"),
-        ("meta nfproto ipv4 meta l4proto . th dport vmap", "ports_v4"),
-        (
-            "ip6 daddr . meta l4proto . th dport vmap",
-            "hostip_ports_v6",
-        ),
-        ("meta nfproto ipv6 meta l4proto . th dport vmap", "ports_v6"),
-    ]
-    .into_iter()
-    .map(|(lookup, map)| Rule::new().kw(lookup).set_ref(&Ident::constant(map)))
-    .collect();
-    tx.rebuild_chain(FAMILY, &t, &hostports, None, None, &lookups);
+    tx
+}
+
+/// `hostports` rebuilt with one lookup per class of `classes` (which must exist by
+/// then): those with a hostIP first, so a hostIP match wins.
+fn dispatch_tx(tx: &mut Transaction, classes: &[Ident]) {
+    let mut kinds: Vec<(bool, &Ident, bool)> = classes
+        .iter()
+        .filter_map(|c| class_kind(c.as_str()).map(|(v6, with_ip)| (!with_ip, c, v6)))
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    let rules: Vec<Rule> = kinds
+        .into_iter()
+        .map(|(any_ip, class, v6)| {
+            let lookup = match (v6, any_ip) {
+                (false, false) => "ip daddr . meta l4proto . th dport",
+                (false, true) => "meta nfproto ipv4 meta l4proto . th dport",
+                (true, false) => "ip6 daddr . meta l4proto . th dport",
+                (true, true) => "meta nfproto ipv6 meta l4proto . th dport",
+            };
+            Rule::new()
+                .kw(lookup)
+                .set_ref(class)
+                .verdict(&Verdict::Jump(class.clone()))
+        })
+        .collect();
+    tx.rebuild_chain(
+        FAMILY,
+        &table(),
+        &Ident::constant(HOSTPORTS),
+        None,
+        None,
+        &rules,
+    );
+}
+
+/// The two DNAT base chains into `hostports` and, with snat, the masquerade base
+/// chain of the configured mark bit.
+fn base_chains_tx(tx: &mut Transaction, conf: &PortMapConf) {
+    let t = table();
     // nft 1.0.6 knows the name `dstnat` in prerouting only; it is -100 in both.
     let to_hostports = Rule::new()
         .kw("fib daddr type local")
-        .verdict(&Verdict::Jump(hostports));
+        .verdict(&Verdict::Jump(Ident::constant(HOSTPORTS)));
     for (name, hook, prio) in [
         ("prerouting", Hook::Prerouting, Priority::DstNat),
         ("output", Hook::Output, Priority::Num(-100)),
@@ -428,28 +473,30 @@ pub fn ensure_tx(conf: &PortMapConf) -> Transaction {
             &[masquerade],
         );
     }
-    tx
 }
 
-/// Guarded deletes of `keys` for `owner`: per map one unit that first `add`s the
+/// Guarded deletes of `keys` for `owner`: per set one unit that first `add`s the
 /// owner element (a no-op if the key is ours, EEXIST if it is someone else's) and
-/// then deletes, so a piece already gone (ENOENT) drops only its own unit. Meant for
-/// [`Transaction::apply_ignoring`] with `NotFound` and `Exists`.
-pub fn del_tx(keys: &[Key], owner: &Owner) -> Transaction {
+/// then deletes, so a piece already gone (ENOENT) drops only its own unit. The
+/// owner goes last. Meant for [`Transaction::apply_ignoring`] with `NotFound` and
+/// `Exists`.
+pub fn del_tx(keys: &[Installed], owner: &Owner) -> Transaction {
     let t = table();
     let owner = masq::owner_value(owner);
     let mut tx = Transaction::new();
     let mut seen = HashSet::new();
-    for k in keys.iter().filter(|k| seen.insert(**k)) {
+    for i in keys.iter().filter(|i| seen.insert((*i).clone())) {
+        let k = &i.key;
         let guard = [Element::new(k.owner_key()).value(owner.clone())];
-        for (map, key) in [
-            (k.ports_map(), k.value()),
+        let class = i.class.clone().and_then(|c| Ident::new(c).ok());
+        let units = class.map(|c| (c, k.value())).into_iter().chain([
             (k.targets_map(), k.value()),
             (k.owners_map(), k.owner_key()),
-        ] {
+        ]);
+        for (set, key) in units {
             tx.group(|tx| {
                 tx.add_elements(FAMILY, &t, &k.owners_map(), &guard)
-                    .delete_elements(FAMILY, &t, &map, &[key]);
+                    .delete_elements(FAMILY, &t, &set, &[key]);
             });
         }
     }
@@ -501,13 +548,45 @@ pub fn owned(l: &Listing) -> Vec<(Key, Owner)> {
     out
 }
 
-/// The ports-map element of `key`: its comment and jump target.
-pub fn verdict_of(l: &Listing, key: &Key) -> Option<(Option<String>, String)> {
-    let set = l.set(key.ports_map().as_str())?;
-    set.elements.iter().find_map(|e| {
-        (parse_key(&e.key, key.v6, key.host_ip.is_some()) == Some(*key))
-            .then(|| Some((e.comment.clone(), e.verdict_target()?.1.to_string())))?
-    })
+/// The classes holding `key` in a listing, each with the element's comment.
+pub fn holders(l: &Listing, key: &Key) -> Vec<(String, Option<String>)> {
+    let kind = (key.v6, key.host_ip.is_some());
+    l.sets
+        .iter()
+        .filter(|s| class_kind(&s.name) == Some(kind))
+        .filter_map(|s| {
+            let e = s
+                .elements
+                .iter()
+                .find(|e| parse_key(&e.key, kind.0, kind.1) == Some(*key))?;
+            Some((s.name.clone(), e.comment.clone()))
+        })
+        .collect()
+}
+
+/// `key` as a listing has it installed: once per class holding it (or once, with
+/// no class, when none does).
+pub fn installed_in(l: &Listing, key: Key) -> Vec<Installed> {
+    let mut found: Vec<Installed> = holders(l, &key)
+        .into_iter()
+        .map(|(class, _)| Installed {
+            key,
+            class: Some(class),
+        })
+        .collect();
+    if found.is_empty() {
+        found.push(Installed { key, class: None });
+    }
+    found
+}
+
+/// The classes of a listing whose set and chain both exist.
+pub fn classes(l: &Listing) -> Vec<Ident> {
+    l.sets
+        .iter()
+        .filter(|s| class_kind(&s.name).is_some() && l.chain(&s.name).is_some())
+        .filter_map(|s| Ident::new(s.name.clone()).ok())
+        .collect()
 }
 
 /// The targets-map value of `key`: `(pod address, container port)`.
@@ -535,7 +614,7 @@ pub fn problems(l: &Listing, conf: &PortMapConf, plan: &Plan, att: &Attachment<'
     if conf.snat {
         chains.push(masq_chain(conf).to_string());
     }
-    chains.extend(plan.chains.iter().map(|(c, _, _)| c.to_string()));
+    chains.extend(plan.classes.iter().map(|(c, _, _)| c.to_string()));
     for c in chains {
         if l.chain(&c).is_none() {
             out.push(format!("chain {c} is missing"));
@@ -543,14 +622,18 @@ pub fn problems(l: &Listing, conf: &PortMapConf, plan: &Plan, att: &Attachment<'
             out.push(format!("chain {c} has no rules"));
         }
     }
+    for (class, _, _) in &plan.classes {
+        if !l.rules_of(HOSTPORTS).any(|r| jumps_to(r, class.as_str())) {
+            out.push(format!("chain {HOSTPORTS} has no rule for {class}"));
+        }
+    }
     let owner = att.owner();
     let owners = owned(l);
     for e in &plan.entries {
         let k = &e.key;
-        match verdict_of(l, k) {
-            Some((_, chain)) if chain == e.chain.as_str() => {}
-            Some((_, chain)) => out.push(format!("{k} jumps to {chain}, not {}", e.chain)),
-            None => out.push(format!("{k} has no element in {}", k.ports_map())),
+        let held = holders(l, k);
+        if !held.iter().any(|(c, _)| c == e.class.as_str()) {
+            out.push(format!("{k} has no element in {}", e.class));
         }
         match target_of(l, k) {
             Some(t) if t == (e.pod, e.container_port) => {}
@@ -567,9 +650,18 @@ pub fn problems(l: &Listing, conf: &PortMapConf, plan: &Plan, att: &Attachment<'
     out
 }
 
+fn jumps_to(r: &nft::RuleInfo, chain: &str) -> bool {
+    r.expr.iter().any(|x| {
+        x.get("jump")
+            .and_then(|j| j.get("target"))
+            .and_then(serde_json::Value::as_str)
+            == Some(chain)
+    })
+}
+
 /// GC's transaction: guarded deletes of every key owned by an attachment of
-/// `network` not in `valid`, and the network's chains no mapping uses any more.
-/// Returns the removed attachments' `(container ID, ifname)` owner halves count.
+/// `network` not in `valid`, and the network's classes no mapping uses any more
+/// (with their `hostports` rules). Returns the number of attachments removed.
 pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction, usize) {
     let net = Attachment::new(network, "", "").owner();
     let keep: HashSet<Owner> = valid
@@ -581,33 +673,48 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
     let mut freed: HashSet<Key> = HashSet::new();
     for (key, owner) in owned(l) {
         if owner[..2] == net[..2] && !keep.contains(&owner) {
-            tx.extend(del_tx(&[key], &owner));
+            tx.extend(del_tx(&installed_in(l, key), &owner));
             stale.insert(owner);
             freed.insert(key);
         }
     }
     let prefix = network_chain_prefix(network);
-    let mut used: HashSet<String> = HashSet::new();
-    for set in &l.sets {
-        if !set.name.contains("ports_") {
-            continue;
+    let unused = |s: &nft::SetInfo| match class_kind(&s.name) {
+        Some((v6, with_ip)) => {
+            s.name.starts_with(&prefix)
+                && s.elements
+                    .iter()
+                    .all(|e| parse_key(&e.key, v6, with_ip).is_some_and(|k| freed.contains(&k)))
         }
-        let (v6, with_ip) = (set.name.ends_with("v6"), set.name.starts_with("hostip"));
-        for e in &set.elements {
-            let freed_key = parse_key(&e.key, v6, with_ip).is_some_and(|k| freed.contains(&k));
-            if let Some((_, target)) = e.verdict_target().filter(|_| !freed_key) {
-                used.insert(target.to_string());
-            }
-        }
+        None => false,
+    };
+    let dropped: BTreeSet<&str> = l
+        .sets
+        .iter()
+        .filter(|s| unused(s))
+        .map(|s| s.name.as_str())
+        .collect();
+    // A chain of the network left without its set (tampering, an older layout) goes too.
+    let chains: Vec<&str> = l
+        .chains
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| c.starts_with(&prefix) && (dropped.contains(c) || l.set(c).is_none()))
+        .collect();
+    if dropped.is_empty() && chains.is_empty() {
+        return (tx, stale.len());
     }
     let t = table();
-    for c in &l.chains {
-        if c.name.starts_with(&prefix)
-            && !used.contains(&c.name)
-            && let Ok(chain) = Ident::new(c.name.clone())
-        {
-            tx.drop_chain(FAMILY, &t, &chain);
-        }
+    let live: Vec<Ident> = classes(l)
+        .into_iter()
+        .filter(|c| !dropped.contains(c.as_str()))
+        .collect();
+    dispatch_tx(&mut tx, &live);
+    for c in chains.into_iter().filter_map(|c| Ident::new(c).ok()) {
+        tx.drop_chain(FAMILY, &t, &c);
+    }
+    for s in dropped.into_iter().filter_map(|s| Ident::new(s).ok()) {
+        tx.delete_set(FAMILY, &t, &s);
     }
     (tx, stale.len())
 }
@@ -666,14 +773,31 @@ mod tests {
         // The hostIP mapping is IPv4: no IPv6 entry for it.
         assert_eq!(p.entries.len(), 5);
         let att = Attachment::new("rsApm", "rsAb1", "eth0");
-        let text = format!("{}{}", p.ensure_tx(&conf()), p.add_tx(&att));
+        // Another network's class keeps its `hostports` rule, after the hostIP ones.
+        let other = Ident::constant("pm-00000000000000aa-00000000000000bb-a4");
+        let text = format!("{}{}", p.ensure_tx(&conf(), &[other]), p.add_tx(&att));
         insta::assert_snapshot!(text);
     }
 
     #[test]
     fn del_text() {
         let att = Attachment::new("rsApm", "rsAb1", "eth0");
-        insta::assert_snapshot!(del_tx(&plan().keys(), &att.owner()).to_string());
+        insta::assert_snapshot!(del_tx(&plan().installed(), &att.owner()).to_string());
+    }
+
+    #[test]
+    fn class_names_tell_their_kind() {
+        let p = plan();
+        let kinds: Vec<_> = p
+            .classes
+            .iter()
+            .map(|(c, _, _)| class_kind(c.as_str()))
+            .collect();
+        let want = [(false, false), (false, true), (true, false)];
+        assert_eq!(kinds, want.map(Some));
+        assert_eq!(class_kind("pm-x-y-a5"), None);
+        assert_eq!(class_kind("hostports"), None);
+        assert_eq!(class_kind("owners_v4"), None);
     }
 
     #[test]

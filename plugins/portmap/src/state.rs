@@ -2,11 +2,13 @@
 //! not resend portMappings or the network was renamed (reference leaks, plugins#752).
 //!
 //! One small JSON file per `(container ID, ifname)` under the data dir (0700), file
-//! 0600, written to a temporary name and renamed into place. No fsync: the mappings
+//! 0600, written to a temporary name and renamed into place. The files are spread
+//! over 256 subdirectories by the first byte of their hashed name: creating a file
+//! in one directory of thousands costs ext4 ~0.5 ms, in one of tens ~0.03 ms. No fsync: the mappings
 //! live in the kernel and are gone after a power loss anyway, and a file that is
 //! torn or missing only sends DEL to its listing fallback.
 
-use crate::rules::Key;
+use crate::rules::Installed;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,12 +25,18 @@ pub struct Record {
     #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
-    pub keys: Vec<Key>,
+    pub keys: Vec<Installed>,
 }
 
 fn path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
     // Hashed: IDs and ifnames may both contain '.', '-' and '_', so no separator
     // between them is unambiguous.
+    let name = nft::hash_hex(&[container_id, ifname]);
+    dir.join(&name[..2]).join(format!("{name}.json"))
+}
+
+/// Where records were before they were spread over subdirectories.
+fn flat_path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
     dir.join(format!("{}.json", nft::hash_hex(&[container_id, ifname])))
 }
 
@@ -42,7 +50,14 @@ pub fn save(dir: &Path, rec: &Record) -> Result<()> {
 /// The attachment's record; `None` when there is none or it cannot be read (logged).
 pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<Record> {
     let p = path(dir, container_id, ifname);
-    let bytes = fs::read(&p).ok()?;
+    let (p, bytes) = match fs::read(&p) {
+        Ok(b) => (p, b),
+        Err(_) => {
+            let flat = flat_path(dir, container_id, ifname);
+            let b = fs::read(&flat).ok()?;
+            (flat, b)
+        }
+    };
     match serde_json::from_slice::<Record>(&bytes) {
         Ok(r) if r.container_id == container_id && r.ifname == ifname => Some(r),
         Ok(_) => None,
@@ -54,17 +69,31 @@ pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<Record> {
 }
 
 pub fn remove(dir: &Path, container_id: &str, ifname: &str) -> Result<()> {
-    let p = path(dir, container_id, ifname);
-    atomic_file::remove(&p).map_err(|e| CniError::io(format!("removing {}", p.display()), e))
+    for p in [
+        path(dir, container_id, ifname),
+        flat_path(dir, container_id, ifname),
+    ] {
+        atomic_file::remove(&p)
+            .map_err(|e| CniError::io(format!("removing {}", p.display()), e))?;
+    }
+    Ok(())
+}
+
+/// The data dir and its subdirectories: where records and their temporary files are.
+pub fn dirs(dir: &Path) -> Vec<PathBuf> {
+    let subdirs = fs::read_dir(dir).into_iter().flatten().flatten();
+    let subdirs = subdirs.filter(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    std::iter::once(dir.to_path_buf())
+        .chain(subdirs.map(|e| e.path()))
+        .collect()
 }
 
 /// Every readable record (GC).
 pub fn all(dir: &Path) -> Vec<Record> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
+    let files = dirs(dir)
+        .into_iter()
+        .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten());
+    files
         .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
         .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
         .collect()
