@@ -3,6 +3,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -48,6 +49,10 @@ pub struct Target<'a> {
     pub imp: &'a Impl,
     /// Path of a network namespace that is not ours (`/proc/<pid>/ns/net`).
     pub netns: &'a Path,
+    /// The "host" this implementation's plugins and tools run in: a namespace of its
+    /// own, so neither side's kernel state (the reference's thousands of iptables
+    /// rules cost every nftables transaction in their namespace) weighs on the other.
+    pub host: &'a Path,
     /// host-local `dataDir`, fresh for this row and implementation.
     pub data_dir: PathBuf,
     /// Network name for this row and implementation.
@@ -56,10 +61,17 @@ pub struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    pub fn new(imp: &'a Impl, netns: &'a Path, data_dir: PathBuf, network: String) -> Self {
+    pub fn new(
+        imp: &'a Impl,
+        netns: &'a Path,
+        host: &'a Path,
+        data_dir: PathBuf,
+        network: String,
+    ) -> Self {
         Self {
             imp,
             netns,
+            host,
             data_dir,
             network,
             seq: 0,
@@ -120,7 +132,9 @@ impl<'a> Target<'a> {
         conf: &[u8],
     ) -> Result<Child> {
         let bin = self.imp.plugin(plugin);
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        in_netns(&mut cmd, self.host)?;
+        let mut child = cmd
             .env_clear()
             // Runtimes pass their PATH; the reference needs it to find iptables.
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -180,6 +194,23 @@ impl<'a> Target<'a> {
             self.imp.plugin(plugin).display()
         )
     }
+}
+
+/// Make `cmd` start in the network namespace at `path` (setns between fork and exec:
+/// no extra process, the same cost for every implementation).
+pub fn in_netns(cmd: &mut Command, path: &Path) -> Result<()> {
+    let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns is async-signal-safe; the descriptor stays open in the child (the
+    // closure owns it) until exec closes it (O_CLOEXEC).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Fail, showing everything the plugin said, unless it exited 0.

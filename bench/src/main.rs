@@ -274,10 +274,12 @@ fn run(args: &Args) -> Result<()> {
 
     let scratch = TempDir::new("weft-bench-")?;
     let netns = Netns::create()?;
+    // Each implementation's "host": one namespace per side (see Target::host).
+    let hosts = [Netns::create()?, Netns::create()?];
     // Started by the first weftd row; dropped (etcd, namespaces) before `scratch`.
     let mut weftd_env: Option<weftd::Env> = None;
 
-    print_machine(args, &binaries, netns.path(), scratch.path());
+    print_machine(args, &binaries, &netns, &hosts, scratch.path());
 
     let width = name_width(rows.iter().copied());
     let mut results = Vec::new();
@@ -294,10 +296,12 @@ fn run(args: &Args) -> Result<()> {
         );
         let result = match &row.run {
             Run::Pair(run) | Run::Front { run, .. } => {
-                run_row(row, *run, &impls, &netns, scratch.path(), args).map(|samples| RowResult {
-                    row,
-                    samples,
-                    figures: Vec::new(),
+                run_row(row, *run, &impls, &netns, &hosts, scratch.path(), args).map(|samples| {
+                    RowResult {
+                        row,
+                        samples,
+                        figures: Vec::new(),
+                    }
                 })
             }
             Run::Solo(solo) => {
@@ -386,6 +390,7 @@ fn run_row(
     run: fn(&mut harness::Target, usize) -> Result<Duration>,
     impls: &[Impl; 2],
     netns: &Netns,
+    hosts: &[Netns; 2],
     scratch: &Path,
     args: &Args,
 ) -> Result<[Vec<Duration>; 2]> {
@@ -410,12 +415,18 @@ fn run_row(
         None => impls,
     };
     let mut targets = Vec::new();
-    for imp in impls {
+    for (imp, host) in impls.iter().zip(hosts) {
         let data_dir = scratch.join(format!("{slug}-{}", imp.label));
         std::fs::create_dir(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let network = format!("weft-bench-{}", imp.label);
-        targets.push(Target::new(imp, netns.path(), data_dir, network));
+        targets.push(Target::new(
+            imp,
+            netns.path(),
+            host.path(),
+            data_dir,
+            network,
+        ));
     }
 
     let mut samples = [Vec::new(), Vec::new()];
@@ -492,7 +503,13 @@ fn kernel() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn print_machine(args: &Args, binaries: &[(&str, PathBuf)], netns: &Path, scratch: &Path) {
+fn print_machine(
+    args: &Args,
+    binaries: &[(&str, PathBuf)],
+    netns: &Netns,
+    hosts: &[Netns; 2],
+    scratch: &Path,
+) {
     println!("weft-bench");
     println!(
         "  machine:    nproc {}, {}, Linux {}",
@@ -505,7 +522,12 @@ fn print_machine(args: &Args, binaries: &[(&str, PathBuf)], netns: &Path, scratc
          (weftd rows: ours only, at most 10 or 5 timed, 1 warm-up)",
         args.iterations, args.warmup
     );
-    println!("  netns:      {}", netns.display());
+    println!("  pod netns:  {}", netns.path().display());
+    println!(
+        "  host netns: ours {}, reference {} (one each: neither side's state weighs on the other)",
+        hosts[0].path().display(),
+        hosts[1].path().display()
+    );
     println!("  dataDir:    under {}", scratch.display());
     println!("  binaries:");
     for (label, b) in binaries {

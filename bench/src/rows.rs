@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use crate::harness::{Target, ensure_success, result_addresses};
+use crate::harness::{self, Target, ensure_success, result_addresses};
 use crate::throughput;
 use crate::weftd::{self, Solo};
 
@@ -515,9 +515,12 @@ fn portmap_conf(t: &Target, host_port: usize, k: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Run a tool of the host (ip, nft, iptables-*) with `stdin`; its output, whatever its status.
-fn tool(prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
-    let mut child = Command::new(prog)
+/// Run a tool (ip, nft, iptables-*) with `stdin` on `t`'s host; its output, whatever
+/// its status.
+fn tool(t: &Target, prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
+    let mut cmd = Command::new(prog);
+    harness::in_netns(&mut cmd, t.host)?;
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -536,8 +539,8 @@ fn tool(prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
         .with_context(|| format!("waiting for {prog}"))
 }
 
-fn tool_ok(prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
-    let out = tool(prog, args, stdin)?;
+fn tool_ok(t: &Target, prog: &str, args: &[&str], stdin: &str) -> Result<Output> {
+    let out = tool(t, prog, args, stdin)?;
     ensure_success(&out, &format!("{prog} {}", args.join(" ")))?;
     Ok(out)
 }
@@ -552,14 +555,14 @@ fn portmap_setup(t: &mut Target, n: usize) -> Result<()> {
         &["addr", "add", &gw, "dev", &br],
         &["link", "set", &br, "up"],
     ] {
-        let out = tool("ip", args, "")?;
+        let out = tool(t, "ip", args, "")?;
         let err = String::from_utf8_lossy(&out.stderr);
         if !(err.contains("exists") || err.contains("already assigned")) {
             ensure_success(&out, &format!("ip {}", args.join(" ")))?;
         }
     }
     if t.imp.label == "ours" {
-        let _ = tool("nft", &["delete", "table", "inet", "weft_portmap"], "")?;
+        let _ = tool(t, "nft", &["delete", "table", "inet", "weft_portmap"], "")?;
         for k in 0..n {
             let id = format!("weft-bench-ours-fill-{k:05}");
             t.exec("portmap", "ADD", &id, &portmap_conf(t, 30000 + k, k))?;
@@ -573,7 +576,7 @@ fn portmap_setup(t: &mut Target, n: usize) -> Result<()> {
 /// The reference would take minutes to ADD thousands of mappings one by one:
 /// write the iptables state it creates and load it in one iptables-restore.
 fn reference_filler(t: &mut Target, n: usize) -> Result<()> {
-    let saved = tool_ok("iptables-save", &["-t", "nat"], "")?;
+    let saved = tool_ok(t, "iptables-save", &["-t", "nat"], "")?;
     let saved = String::from_utf8_lossy(&saved.stdout);
     let chains: Vec<&str> = saved
         .lines()
@@ -590,7 +593,7 @@ fn reference_filler(t: &mut Target, n: usize) -> Result<()> {
         }
     }
     r.push_str("COMMIT\n");
-    tool_ok("iptables-restore", &["--noflush"], &r)?;
+    tool_ok(t, "iptables-restore", &["--noflush"], &r)?;
     if n == 0 {
         return Ok(());
     }
@@ -617,6 +620,7 @@ fn reference_filler(t: &mut Target, n: usize) -> Result<()> {
         );
     }
     tool_ok(
+        t,
         "iptables-restore",
         &["--noflush"],
         &(decl + &rules + "COMMIT\n"),
