@@ -726,6 +726,17 @@ impl Transaction {
         })
     }
 
+    /// `insert rule` prepends: it is **not** idempotent.
+    pub fn insert_rule(
+        &mut self,
+        family: Family,
+        table: &Ident,
+        chain: &Ident,
+        rule: &Rule,
+    ) -> &mut Self {
+        self.push(format!("insert rule {family} {table} {chain} {rule}"))
+    }
+
     /// `add rule` appends: it is **not** idempotent.
     pub fn add_rule(
         &mut self,

@@ -73,10 +73,11 @@ fn install(att: &Attachment<'_>, conf: &PortMapConf, plan: &Plan) -> Result<()> 
     };
     weft_core::debug!("portmap fast path for {att:?}: {e}; repairing");
     if e.has(ErrorKind::NotFound) {
-        // The other classes' `hostports` rules are rebuilt with this plan's.
+        // Which of this plan's classes `hostports` already dispatches to.
         let listing = rules::list().map_err(setup_err)?;
-        let existing = listing.as_ref().map(rules::classes).unwrap_or_default();
-        plan.ensure_tx(conf, &existing).apply().map_err(setup_err)?;
+        plan.ensure_tx(conf, listing.as_ref())
+            .apply()
+            .map_err(setup_err)?;
     }
     if e.has(ErrorKind::Exists) {
         rules::del_tx(&plan.installed(), &att.owner())

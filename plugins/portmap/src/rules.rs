@@ -91,7 +91,7 @@ impl Key {
         Ident::constant(&format!("owners_{}", self.family()))
     }
 
-    /// The key in the ports and targets maps: `[hostIP .] proto . port`.
+    /// The key in the class sets and target maps: `[hostIP .] proto . port`.
     fn value(&self) -> Value {
         let mut parts: Vec<Value> = self.host_ip.map(Value::Addr).into_iter().collect();
         parts.extend([
@@ -237,11 +237,15 @@ impl Plan {
         tx
     }
 
-    /// The base objects, this plan's classes and `hostports` dispatching to them and
-    /// to the `existing` classes of a listing (`add` + `flush` + rules: idempotent,
-    /// atomic, repairs tampering). ~20 ms: only when the fast path failed.
-    pub fn ensure_tx(&self, conf: &PortMapConf, existing: &[Ident]) -> Transaction {
+    /// The base objects, this plan's classes and their `hostports` rules where
+    /// `listing` (the table as it was) lacks them: inserted first for hostIP classes,
+    /// appended otherwise. `hostports` is never flushed here, so a concurrent repair
+    /// for another class, which this listing may predate, keeps its rule (a rule added
+    /// twice by a race is harmless). Idempotent, atomic. ~20 ms: only when the fast
+    /// path failed.
+    pub fn ensure_tx(&self, conf: &PortMapConf, listing: Option<&Listing>) -> Transaction {
         let t = table();
+        let hostports = Ident::constant(HOSTPORTS);
         let mut tx = base_tx();
         for (class, subnet, with_ip) in &self.classes {
             let v6 = subnet.addr().is_ipv6();
@@ -254,9 +258,21 @@ impl Plan {
             let rules = chain_rules(conf, subnet, *with_ip);
             tx.rebuild_chain(FAMILY, &t, class, None, None, &rules);
         }
-        let mut all: Vec<Ident> = existing.to_vec();
-        all.extend(self.classes.iter().map(|(c, _, _)| c.clone()));
-        dispatch_tx(&mut tx, &all);
+        tx.add_chain(FAMILY, &t, &hostports, None, None);
+        for (class, _, with_ip) in &self.classes {
+            let has_rule =
+                listing.is_some_and(|l| l.rules_of(HOSTPORTS).any(|r| jumps_to(r, class.as_str())));
+            if has_rule {
+                continue;
+            }
+            for rule in dispatch_rules(std::slice::from_ref(class)) {
+                if *with_ip {
+                    tx.insert_rule(FAMILY, &t, &hostports, &rule);
+                } else {
+                    tx.add_rule(FAMILY, &t, &hostports, &rule);
+                }
+            }
+        }
         base_chains_tx(&mut tx, conf);
         tx
     }
@@ -402,13 +418,20 @@ fn base_tx() -> Transaction {
 /// `hostports` rebuilt with one lookup per class of `classes` (which must exist by
 /// then): those with a hostIP first, so a hostIP match wins.
 fn dispatch_tx(tx: &mut Transaction, classes: &[Ident]) {
+    let rules = dispatch_rules(classes);
+    let hostports = Ident::constant(HOSTPORTS);
+    tx.rebuild_chain(FAMILY, &table(), &hostports, None, None, &rules);
+}
+
+/// The `hostports` lookups of `classes`, hostIP classes first.
+fn dispatch_rules(classes: &[Ident]) -> Vec<Rule> {
     let mut kinds: Vec<(bool, &Ident, bool)> = classes
         .iter()
         .filter_map(|c| class_kind(c.as_str()).map(|(v6, with_ip)| (!with_ip, c, v6)))
         .collect();
     kinds.sort();
     kinds.dedup();
-    let rules: Vec<Rule> = kinds
+    kinds
         .into_iter()
         .map(|(any_ip, class, v6)| {
             let lookup = match (v6, any_ip) {
@@ -422,15 +445,7 @@ fn dispatch_tx(tx: &mut Transaction, classes: &[Ident]) {
                 .set_ref(class)
                 .verdict(&Verdict::Jump(class.clone()))
         })
-        .collect();
-    tx.rebuild_chain(
-        FAMILY,
-        &table(),
-        &Ident::constant(HOSTPORTS),
-        None,
-        None,
-        &rules,
-    );
+        .collect()
 }
 
 /// The two DNAT base chains into `hostports` and, with snat, the masquerade base
@@ -773,9 +788,7 @@ mod tests {
         // The hostIP mapping is IPv4: no IPv6 entry for it.
         assert_eq!(p.entries.len(), 5);
         let att = Attachment::new("rsApm", "rsAb1", "eth0");
-        // Another network's class keeps its `hostports` rule, after the hostIP ones.
-        let other = Ident::constant("pm-00000000000000aa-00000000000000bb-a4");
-        let text = format!("{}{}", p.ensure_tx(&conf(), &[other]), p.add_tx(&att));
+        let text = format!("{}{}", p.ensure_tx(&conf(), None), p.add_tx(&att));
         insta::assert_snapshot!(text);
     }
 

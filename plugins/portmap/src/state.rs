@@ -98,3 +98,50 @@ pub fn all(dir: &Path) -> Vec<Record> {
         .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+    use crate::rules::Key;
+
+    fn record(cid: &str) -> Record {
+        Record {
+            network: "net".into(),
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            keys: vec![Installed {
+                key: Key {
+                    host_ip: None,
+                    v6: false,
+                    protocol: Protocol::Tcp,
+                    host_port: 8080,
+                },
+                class: Some("pm-a-b-a4".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn records_live_in_subdirectories_and_flat_ones_still_count() {
+        let dir = std::env::temp_dir().join(format!("weft-portmap-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        save(&dir, &record("a")).unwrap();
+        let p = path(&dir, "a", "eth0");
+        assert!(p.is_file());
+        assert_eq!(p.parent().unwrap().parent().unwrap(), dir);
+        assert_eq!(load(&dir, "a", "eth0"), Some(record("a")));
+        // A record of the flat layout, without classes: read, listed and removed.
+        let mut old = serde_json::to_value(record("b")).unwrap();
+        old["keys"][0].as_object_mut().unwrap().remove("class");
+        fs::write(flat_path(&dir, "b", "eth0"), old.to_string()).unwrap();
+        let b = load(&dir, "b", "eth0").unwrap();
+        assert_eq!(b.keys[0].class, None);
+        assert_eq!(all(&dir).len(), 2);
+        remove(&dir, "b", "eth0").unwrap();
+        remove(&dir, "a", "eth0").unwrap();
+        assert!(all(&dir).is_empty());
+        assert_eq!(load(&dir, "a", "eth0"), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
