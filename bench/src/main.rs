@@ -321,7 +321,7 @@ fn run(args: &Args) -> Result<()> {
     println!();
     print_table(&results, width);
     if results.iter().any(|r| !is_solo(r.row)) {
-        let floor = exec_floor(args.iterations.clamp(20, 200))?;
+        let floor = exec_floor(args.iterations.clamp(20, 200), hosts[0].path())?;
         println!(
             "exec floor: /bin/true spawned the same way, median {:.3} ms (no plugin can be faster)",
             floor
@@ -339,11 +339,13 @@ fn run(args: &Args) -> Result<()> {
 
 /// Median wall time of spawning `/bin/true` exactly as plugins are spawned: the part
 /// of every row that no implementation controls.
-fn exec_floor(runs: usize) -> Result<f64> {
+fn exec_floor(runs: usize, host: &Path) -> Result<f64> {
     let mut ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = std::time::Instant::now();
-        let status = std::process::Command::new("/bin/true")
+        let mut cmd = std::process::Command::new("/bin/true");
+        harness::in_netns(&mut cmd, host)?;
+        let status = cmd
             .env_clear()
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -785,6 +785,11 @@ impl Transaction {
         self.push(format!("delete set {family} {table} {name}"))
     }
 
+    /// `delete map`. Fails with [`ErrorKind::Busy`] while a rule refers to it.
+    pub fn delete_map(&mut self, family: Family, table: &Ident, name: &Ident) -> &mut Self {
+        self.push(format!("delete map {family} {table} {name}"))
+    }
+
     pub fn flush_set(&mut self, family: Family, table: &Ident, name: &Ident) -> &mut Self {
         self.push(format!("flush set {family} {table} {name}"))
     }

@@ -541,6 +541,86 @@ fn conditions_and_snat_options() {
     driver.del(&att).unwrap();
 }
 
+/// ADD again for the same attachment with other options (another class) and one
+/// mapping fewer: what the first ADD installed and the second does not is gone, and
+/// DEL then leaves nothing.
+#[test]
+fn a_repeated_add_drops_what_it_no_longer_installs() {
+    let Some(node) = Node::new() else { return };
+    let driver = node.driver(&["10.95.0.0/24"], json!({}));
+    let a = TestNetns::new();
+    let two = json!([mapping(18080, 80, "tcp"), mapping(18081, 81, "tcp")]);
+    let r = driver.add(&pod("a", &a, two.clone())).unwrap();
+    assert_eq!(node.elements().len(), 6);
+    let mut again = node.portmap_conf(&json!([mapping(18080, 80, "tcp")]), Some(&r));
+    again["snat"] = json!(false);
+    node.portmap("ADD", "a", &a, &again).ok();
+    let left = node.elements();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.iter().all(|e| !e.contains("18081")), "{left:?}");
+    node.portmap("DEL", "a", &a, &again).ok();
+    assert_eq!(node.elements(), Vec::<String>::new());
+    assert_eq!(node.records(), 0);
+    driver.del(&pod("a", &a, two)).unwrap();
+}
+
+/// A node that ran the layout before classes (a verdict map `ports_v4` whose
+/// elements jump to a per-network chain, flat records without classes) keeps working
+/// next to the new one: DEL empties the legacy map, GC drops it with its lookup and
+/// chain once empty.
+#[test]
+fn the_layout_before_classes_is_emptied_and_dropped() {
+    let Some(node) = Node::new() else { return };
+    let driver = node.driver(&["10.96.0.0/24"], json!({}));
+    let b = TestNetns::new();
+    let att_b = pod("b", &b, json!([mapping(18080, 80, "tcp")]));
+    driver.add(&att_b).unwrap();
+    // What the earlier layout left for attachment ("old", eth0).
+    let chain = format!(
+        "pm-{}-0123456789abcdef-a",
+        weft_core::nft::hash_hex(&[&node.name])
+    );
+    let att = weft_core::masq::Attachment::new(&node.name, "old", "eth0");
+    let owner = weft_core::masq::owner_value(&att.owner());
+    let legacy = format!(
+        "add map inet weft_portmap ports_v4 {{ type inet_proto . inet_service : verdict; }}\n\
+         add chain inet weft_portmap {chain}\n\
+         add rule inet weft_portmap {chain} dnat ip to meta l4proto . th dport map @targets_v4\n\
+         add rule inet weft_portmap hostports meta nfproto ipv4 meta l4proto . th dport vmap @ports_v4\n\
+         add element inet weft_portmap ports_v4 {{ tcp . 18090 : jump {chain} }}\n\
+         add element inet weft_portmap targets_v4 {{ tcp . 18090 : 10.96.0.50 . 80 }}\n\
+         add element inet weft_portmap owners_v4 {{ 0.0.0.0 . tcp . 18090 : {owner} }}\n"
+    );
+    let script = node.dir.join("legacy.nft");
+    std::fs::write(&script, legacy).unwrap();
+    node.ns.exec_ok(&["nft", "-f", script.to_str().unwrap()]);
+    let record = json!({"network": node.name, "containerID": "old", "ifname": "eth0",
+        "keys": [{"v6": false, "protocol": "tcp", "hostPort": 18090}]});
+    let flat = node.dir.join("portmap").join(format!(
+        "{}.json",
+        weft_core::nft::hash_hex(&["old", "eth0"])
+    ));
+    std::fs::write(&flat, record.to_string()).unwrap();
+    assert_eq!(node.elements().len(), 6);
+
+    node.portmap("DEL", "old", &b, &node.portmap_conf(&json!([]), None))
+        .ok();
+    let left = node.elements();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.iter().all(|e| !e.contains("18090")), "{left:?}");
+    assert!(!flat.exists());
+    assert!(node.table().contains("vmap @ports_v4"), "kept until GC");
+
+    driver.gc(&[("b", "eth0")]).unwrap();
+    let table = node.table();
+    assert!(!table.contains("ports_v4"), "{table}");
+    assert!(!table.contains(&chain), "{table}");
+    assert_eq!(node.elements().len(), 3, "b's mapping stays");
+    driver.check(&att_b).unwrap();
+    driver.del(&att_b).unwrap();
+    assert_eq!(node.elements(), Vec::<String>::new());
+}
+
 /// Bad configs fail with code 7 before anything changes; no mappings, or no address
 /// on CNI_IFNAME in a sandbox, pass prevResult through untouched.
 #[test]

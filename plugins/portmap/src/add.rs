@@ -1,6 +1,7 @@
 //! ADD: install the attachment's mappings, or fail and leave nothing.
 
 use crate::config::{self, PortMapConf, Protocol};
+use crate::layout_lock::LayoutLock;
 use crate::rules::{self, Plan};
 use crate::state::{self, Record};
 use weft_core::error::{CniError, Result, code};
@@ -24,6 +25,7 @@ pub fn add(req: &Request, conf: &PortMapConf) -> Result<CniResult> {
     }
     let env = &req.env;
     let att = Attachment::new(&req.conf.name, &env.container_id, &env.ifname);
+    drop_superseded(conf, &att, &plan)?;
     // Recorded first: a crash after the kernel took the mappings still leaves DEL
     // what it needs.
     state::save(
@@ -57,6 +59,25 @@ pub fn add(req: &Request, conf: &PortMapConf) -> Result<CniResult> {
     Ok(prev)
 }
 
+/// A repeated ADD of this attachment (a retry, changed options): what the last one
+/// installed and this one does not (another class, a mapping dropped) goes first,
+/// or its record, overwritten next, would be the only trace of it.
+fn drop_superseded(conf: &PortMapConf, att: &Attachment<'_>, plan: &Plan) -> Result<()> {
+    let Some(prev) = state::load(&conf.data_dir, att.container_id, att.ifname) else {
+        return Ok(());
+    };
+    let now = plan.installed();
+    let stale: Vec<_> = prev.keys.into_iter().filter(|i| !now.contains(i)).collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let owner = Attachment::new(&prev.network, att.container_id, att.ifname).owner();
+    rules::del_tx(&stale, &owner)
+        .apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists])
+        .map(drop)
+        .map_err(setup_err)
+}
+
 fn setup_err(e: impl Into<CniError>) -> CniError {
     e.into().context("portmap")
 }
@@ -66,12 +87,14 @@ fn setup_err(e: impl Into<CniError>) -> CniError {
 /// A key still held by another attachment afterwards is a conflict.
 fn install(att: &Attachment<'_>, conf: &PortMapConf, plan: &Plan) -> Result<()> {
     let add = plan.add_tx(att);
+    let lock = LayoutLock::shared()?;
     let e = match add.try_apply() {
         Ok(()) => return Ok(()),
         Err(e) if e.only(&[ErrorKind::NotFound, ErrorKind::Exists]) => e,
         Err(e) => return Err(setup_err(e)),
     };
     weft_core::debug!("portmap fast path for {att:?}: {e}; repairing");
+    let _lock = lock.upgrade()?;
     if e.has(ErrorKind::NotFound) {
         // Which of this plan's classes `hostports` already dispatches to.
         let listing = rules::list().map_err(setup_err)?;

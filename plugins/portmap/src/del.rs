@@ -1,6 +1,7 @@
 //! DEL and GC: remove mappings by owner, with or without what the runtime resends.
 
 use crate::config::PortMapConf;
+use crate::layout_lock::LayoutLock;
 use crate::rules;
 use crate::state;
 use weft_core::error::{CniError, Result};
@@ -47,6 +48,7 @@ pub fn gc(req: &Request, conf: &PortMapConf) -> Result<()> {
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
     let network = &req.conf.name;
+    let lock = LayoutLock::exclusive()?;
     if let Some(l) = rules::list().map_err(|e| e.context("portmap GC"))? {
         let (tx, removed) = rules::gc_tx(&l, network, &pairs);
         tx.apply_ignoring(&[ErrorKind::NotFound, ErrorKind::Exists, ErrorKind::Busy])
@@ -55,6 +57,7 @@ pub fn gc(req: &Request, conf: &PortMapConf) -> Result<()> {
             weft_core::info!("portmap GC removed the mappings of {removed} attachment(s)");
         }
     }
+    drop(lock);
     // Their keys went with the owners above (a record's keys are owned by its
     // attachment), so only the records are left to remove.
     for r in state::all(&conf.data_dir) {

@@ -4,6 +4,7 @@ mod add;
 mod check;
 mod config;
 mod del;
+mod layout_lock;
 mod rules;
 mod state;
 

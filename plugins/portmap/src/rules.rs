@@ -63,6 +63,10 @@ const HOSTPORTS: &str = "hostports";
 /// Hashed into network chain names: a release that changes [`chain_rules`] bumps it.
 const CHAIN_LAYOUT: &str = "v1";
 
+/// The verdict maps of the layout before classes: emptied by DEL and GC, dropped by
+/// GC (with their `hostports` rules) once empty, never filled.
+const LEGACY_MAPS: [&str; 4] = ["hostip_ports_v4", "ports_v4", "hostip_ports_v6", "ports_v6"];
+
 fn table() -> Ident {
     Ident::constant(TABLE)
 }
@@ -81,6 +85,16 @@ pub struct Key {
 impl Key {
     fn family(&self) -> &'static str {
         if self.v6 { "v6" } else { "v4" }
+    }
+
+    /// Where the layout before classes kept this key, with a jump verdict.
+    fn legacy_map(&self) -> Ident {
+        let kind = if self.host_ip.is_some() {
+            "hostip_ports"
+        } else {
+            "ports"
+        };
+        Ident::constant(&format!("{kind}_{}", self.family()))
     }
 
     fn targets_map(&self) -> Ident {
@@ -417,8 +431,18 @@ fn base_tx() -> Transaction {
 
 /// `hostports` rebuilt with one lookup per class of `classes` (which must exist by
 /// then): those with a hostIP first, so a hostIP match wins.
-fn dispatch_tx(tx: &mut Transaction, classes: &[Ident]) {
-    let rules = dispatch_rules(classes);
+fn dispatch_tx(tx: &mut Transaction, classes: &[Ident], legacy: &[&str]) {
+    let mut rules = dispatch_rules(classes);
+    // A legacy verdict map still in use keeps its lookup, after the classes'.
+    for map in LEGACY_MAPS.iter().filter(|m| legacy.contains(m)) {
+        let lookup = match *map {
+            "hostip_ports_v4" => "ip daddr . meta l4proto . th dport vmap",
+            "ports_v4" => "meta nfproto ipv4 meta l4proto . th dport vmap",
+            "hostip_ports_v6" => "ip6 daddr . meta l4proto . th dport vmap",
+            _ => "meta nfproto ipv6 meta l4proto . th dport vmap",
+        };
+        rules.push(Rule::new().kw(lookup).set_ref(&Ident::constant(map)));
+    }
     let hostports = Ident::constant(HOSTPORTS);
     tx.rebuild_chain(FAMILY, &table(), &hostports, None, None, &rules);
 }
@@ -503,7 +527,12 @@ pub fn del_tx(keys: &[Installed], owner: &Owner) -> Transaction {
     for i in keys.iter().filter(|i| seen.insert((*i).clone())) {
         let k = &i.key;
         let guard = [Element::new(k.owner_key()).value(owner.clone())];
-        let class = i.class.clone().and_then(|c| Ident::new(c).ok());
+        // No class: a key of the layout before classes (its record or a listing
+        // says so), in a legacy verdict map if anywhere.
+        let class = match &i.class {
+            Some(c) => Ident::new(c.clone()).ok(),
+            None => Some(k.legacy_map()),
+        };
         let units = class.map(|c| (c, k.value())).into_iter().chain([
             (k.targets_map(), k.value()),
             (k.owners_map(), k.owner_key()),
@@ -716,7 +745,20 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
         .map(|c| c.name.as_str())
         .filter(|c| c.starts_with(&prefix) && (dropped.contains(c) || l.set(c).is_none()))
         .collect();
-    if dropped.is_empty() && chains.is_empty() {
+    // The verdict maps of the layout before classes, once nothing is left in them.
+    let legacy: Vec<&str> = l
+        .sets
+        .iter()
+        .filter(|s| LEGACY_MAPS.contains(&s.name.as_str()))
+        .filter(|s| {
+            let (v6, with_ip) = (s.name.ends_with("v6"), s.name.starts_with("hostip"));
+            s.elements
+                .iter()
+                .all(|e| parse_key(&e.key, v6, with_ip).is_some_and(|k| freed.contains(&k)))
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    if dropped.is_empty() && chains.is_empty() && legacy.is_empty() {
         return (tx, stale.len());
     }
     let t = table();
@@ -724,12 +766,21 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
         .into_iter()
         .filter(|c| !dropped.contains(c.as_str()))
         .collect();
-    dispatch_tx(&mut tx, &live);
+    let kept: Vec<&str> = l
+        .sets
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|m| LEGACY_MAPS.contains(m) && !legacy.contains(m))
+        .collect();
+    dispatch_tx(&mut tx, &live, &kept);
     for c in chains.into_iter().filter_map(|c| Ident::new(c).ok()) {
         tx.drop_chain(FAMILY, &t, &c);
     }
     for s in dropped.into_iter().filter_map(|s| Ident::new(s).ok()) {
         tx.delete_set(FAMILY, &t, &s);
+    }
+    for m in legacy.into_iter().filter_map(|m| Ident::new(m).ok()) {
+        tx.delete_map(FAMILY, &t, &m);
     }
     (tx, stale.len())
 }
