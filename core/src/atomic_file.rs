@@ -38,7 +38,21 @@ pub fn write(path: &Path, bytes: &[u8], modes: Modes, sync: bool) -> std::io::Re
         .create(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(temp_name(&name, std::process::id()));
-    let mut f = create_exclusive(&tmp, modes.file)?;
+    // A writer that removes its directory once empty (portmap's record buckets) may
+    // do so between our mkdir and our create: make it again, a few times at most.
+    let mut attempts = 0;
+    let mut f = loop {
+        match create_exclusive(&tmp, modes.file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {
+                attempts += 1;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(modes.dir)
+                    .create(dir)?;
+            }
+            other => break other?,
+        }
+    };
     let result = (|| {
         f.write_all(bytes)?;
         if sync {

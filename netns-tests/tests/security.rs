@@ -645,7 +645,8 @@ fn symlinks_in_state_dirs_are_replaced_not_written_through() {
     // portmap's record: replaced by the rename, then removed by DEL (the link is gone,
     // its target stays).
     let hash = weft_core::nft::hash_hex(&["c3", "eth0"]);
-    let record = data.join(format!("portmap/{hash}.json"));
+    let record = data.join(format!("portmap/{}/{hash}.json", &hash[..2]));
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
     plant(&record);
     let pm = site.conf("portmap", "n3", &data);
     site.pod_call("portmap", "ADD", "c3", "eth0", &pm)
@@ -822,7 +823,11 @@ fn state_is_private_whatever_the_umask() {
         v
     };
     let hash = weft_core::nft::hash_hex(&["c1", "eth0"]);
-    assert_eq!(files("portmap"), [format!("{hash}.json")]);
+    assert_eq!(files("portmap"), [&hash[..2]]);
+    assert_eq!(
+        files(&format!("portmap/{}", &hash[..2])),
+        [format!("{hash}.json")]
+    );
     assert_eq!(files("flannel"), ["c2"]);
     assert_eq!(files("vxlan-overlay"), ["c3@net1"]);
     assert_eq!(files("ipam"), ["n1", "n2"]);
@@ -836,9 +841,10 @@ fn state_is_private_whatever_the_umask() {
             "lock"
         ]
     );
-    // Directories: fresh, fresh/state, its four dataDirs, two network dirs. Files:
-    // three records/saved configs, 4 + 5 in the network dirs.
-    assert_eq!(assert_private(&fresh), (8, 12));
+    // Directories: fresh, fresh/state, its four dataDirs, two network dirs, portmap's
+    // record subdirectory. Files: three records/saved configs, 4 + 5 in the network
+    // dirs.
+    assert_eq!(assert_private(&fresh), (9, 12));
     assert_eq!(mode(&log), 0o600);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("bridge ["), "{logged}");

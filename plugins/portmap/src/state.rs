@@ -69,12 +69,13 @@ pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<Record> {
 }
 
 pub fn remove(dir: &Path, container_id: &str, ifname: &str) -> Result<()> {
-    for p in [
-        path(dir, container_id, ifname),
-        flat_path(dir, container_id, ifname),
-    ] {
-        atomic_file::remove(&p)
-            .map_err(|e| CniError::io(format!("removing {}", p.display()), e))?;
+    let sharded = path(dir, container_id, ifname);
+    for p in [&sharded, &flat_path(dir, container_id, ifname)] {
+        atomic_file::remove(p).map_err(|e| CniError::io(format!("removing {}", p.display()), e))?;
+    }
+    // Its subdirectory goes once empty (a racing ADD's write makes it again).
+    if let Some(bucket) = sharded.parent() {
+        let _ = fs::remove_dir(bucket);
     }
     Ok(())
 }
