@@ -123,9 +123,15 @@ impl Netlink {
 
     /// The namespace `ns`, through a socket opened inside it.
     pub fn in_netns(ns: &NetNs) -> Result<Netlink> {
-        let socket = ns.netlink_socket(NETLINK_ROUTE)?;
-        let nexthops = NexthopSocket::new(ns.netlink_socket(NETLINK_ROUTE)?)
+        // Both sockets from one visit to the namespace (each visit is a thread).
+        let (socket, nexthops) = ns
+            .run(|| {
+                let route = netlink_sys::Socket::new(NETLINK_ROUTE)?;
+                Ok::<_, std::io::Error>((route, netlink_sys::Socket::new(NETLINK_ROUTE)?))
+            })?
             .map_err(|e| CniError::io("netlink socket", e))?;
+        let nexthops =
+            NexthopSocket::new(nexthops).map_err(|e| CniError::io("netlink socket", e))?;
         let fd = socket.into_raw_fd();
         runtime().block_on(async {
             // SAFETY: we own `fd`, just released by the socket; TokioSocket takes it over.
