@@ -1,20 +1,20 @@
-//! The host's lock on the table's layout: which classes exist and what `hostports`
-//! dispatches to.
+//! The lock on the table's layout in this network namespace: which classes exist
+//! and what `hostports` dispatches to.
 //!
 //! ADD's fast path holds it shared: it only adds elements to classes it expects to
 //! exist. Whatever creates or removes a class (ADD's repair path, GC) holds it
 //! exclusive from its listing to its commit, so it never acts on a listing another
 //! one has made stale: GC never deletes a class set an ADD is filling (`delete set`
 //! takes a set with its elements), nor does a repair miss a class GC just dropped.
-//! One file for every namespace of the host: taking it costs ~10 µs, and the
-//! exclusive holders are rare and short.
+//!
+//! The lock is a `flock` on the namespace's own file (`/proc/self/ns/net`): one per
+//! namespace, like the table, and no file to create or leave behind. Taking it costs
+//! a few µs; the exclusive holders are rare and short.
 
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::File;
 use weft_core::error::{CniError, Result};
 
-const PATH: &str = "/run/weft/portmap.lock";
+const PATH: &str = "/proc/self/ns/net";
 
 /// Held until dropped.
 pub struct LayoutLock(File);
@@ -43,24 +43,9 @@ impl LayoutLock {
 }
 
 fn open() -> Result<File> {
-    let path = Path::new(PATH);
-    if let Some(dir) = path.parent() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| CniError::io(dir.display(), e))?;
-    }
-    // 0600: whoever can open the lock can flock it and stall every portmap ADD.
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| CniError::io(PATH, e))
+    File::open(PATH).map_err(|e| CniError::io(PATH, e))
 }
 
 fn lock_err(e: std::io::Error) -> CniError {
-    CniError::io(format!("locking {PATH}"), e)
+    CniError::io(format!("locking {PATH} (portmap's table layout)"), e)
 }
