@@ -32,24 +32,18 @@ pub fn write(path: &Path, bytes: &[u8], modes: Modes, sync: bool) -> std::io::Re
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(modes.dir)
-        .create(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(temp_name(&name, std::process::id()));
     // A writer that removes its directory once empty (portmap's record buckets) may
     // do so between our mkdir and our create: make it again, a few times at most.
     let mut attempts = 0;
     let mut f = loop {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(modes.dir)
+            .create(dir)?;
         match create_exclusive(&tmp, modes.file) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => {
-                attempts += 1;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(modes.dir)
-                    .create(dir)?;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
             other => break other?,
         }
     };
