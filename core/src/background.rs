@@ -30,11 +30,11 @@ pub fn run(what: &str, work: impl FnOnce() -> Result<()>) {
 /// holding the lock every nf_tables transaction takes. While a transaction that
 /// deleted something, ours or another program's, is still being released (an RCU
 /// grace period, ~10 ms), that release waits for it: most of a portmap DEL, and of an
-/// ADD right after a DEL. Closing
-/// [`LATE_CLOSE`] after our exit almost always finds the worker done, so the close
-/// neither delays us nor blocks the next plugin's transaction. Waiting for our exit
-/// (EOF on a pipe only we hold open) makes the detached close the last one; the
-/// detached process keeps no other descriptor, so no lock of ours outlives us in it.
+/// ADD right after a DEL. Closing [`LATE_CLOSE`] after our exit almost always finds
+/// the worker done, so the close neither delays us nor blocks the next plugin's
+/// transaction. Waiting for our exit (EOF on a pipe only we hold open) makes the
+/// detached close the last one; the detached process keeps no other descriptor, so
+/// no lock of ours outlives us in it.
 pub fn close(fd: OwnedFd) {
     let Ok((exited, alive)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
         return drop(fd);

@@ -4,9 +4,9 @@
 //! One small JSON file per `(container ID, ifname)` under the data dir (0700), file
 //! 0600, written to a temporary name and renamed into place. The files are spread
 //! over 256 subdirectories by the first byte of their hashed name: creating a file
-//! in one directory of thousands costs ext4 ~0.5 ms, in one of tens ~0.03 ms. No fsync: the mappings
-//! live in the kernel and are gone after a power loss anyway, and a file that is
-//! torn or missing only sends DEL to its listing fallback.
+//! in one directory of thousands costs ext4 ~0.5 ms, in one of tens ~0.03 ms. No
+//! fsync: the mappings live in the kernel and are gone after a power loss anyway,
+//! and a file that is torn or missing only sends DEL to its listing fallback.
 
 use crate::rules::Installed;
 use serde::{Deserialize, Serialize};
