@@ -67,6 +67,13 @@ const CHAIN_LAYOUT: &str = "v1";
 /// GC (with their `hostports` rules) once empty, never filled.
 const LEGACY_MAPS: [&str; 4] = ["hostip_ports_v4", "ports_v4", "hostip_ports_v6", "ports_v6"];
 
+/// A legacy map's `(v6, with hostIP)` from its name; `None` for other names.
+fn legacy_kind(name: &str) -> Option<(bool, bool)> {
+    LEGACY_MAPS
+        .contains(&name)
+        .then(|| (name.ends_with("v6"), name.starts_with("hostip")))
+}
+
 fn table() -> Ident {
     Ident::constant(TABLE)
 }
@@ -435,13 +442,9 @@ fn dispatch_tx(tx: &mut Transaction, classes: &[Ident], legacy: &[&str]) {
     let mut rules = dispatch_rules(classes);
     // A legacy verdict map still in use keeps its lookup, after the classes'.
     for map in LEGACY_MAPS.iter().filter(|m| legacy.contains(m)) {
-        let lookup = match *map {
-            "hostip_ports_v4" => "ip daddr . meta l4proto . th dport vmap",
-            "ports_v4" => "meta nfproto ipv4 meta l4proto . th dport vmap",
-            "hostip_ports_v6" => "ip6 daddr . meta l4proto . th dport vmap",
-            _ => "meta nfproto ipv6 meta l4proto . th dport vmap",
-        };
-        rules.push(Rule::new().kw(lookup).set_ref(&Ident::constant(map)));
+        let (v6, with_ip) = legacy_kind(map).expect("a legacy map");
+        let lookup = Rule::new().kw(lookup_key(v6, with_ip)).kw("vmap");
+        rules.push(lookup.set_ref(&Ident::constant(map)));
     }
     let hostports = Ident::constant(HOSTPORTS);
     tx.rebuild_chain(FAMILY, &table(), &hostports, None, None, &rules);
@@ -458,18 +461,22 @@ fn dispatch_rules(classes: &[Ident]) -> Vec<Rule> {
     kinds
         .into_iter()
         .map(|(any_ip, class, v6)| {
-            let lookup = match (v6, any_ip) {
-                (false, false) => "ip daddr . meta l4proto . th dport",
-                (false, true) => "meta nfproto ipv4 meta l4proto . th dport",
-                (true, false) => "ip6 daddr . meta l4proto . th dport",
-                (true, true) => "meta nfproto ipv6 meta l4proto . th dport",
-            };
             Rule::new()
-                .kw(lookup)
+                .kw(lookup_key(v6, !any_ip))
                 .set_ref(class)
                 .verdict(&Verdict::Jump(class.clone()))
         })
         .collect()
+}
+
+/// What `hostports` looks a packet up by: `[daddr .] l4proto . dport` of one family.
+fn lookup_key(v6: bool, with_ip: bool) -> &'static str {
+    match (v6, with_ip) {
+        (false, true) => "ip daddr . meta l4proto . th dport",
+        (false, false) => "meta nfproto ipv4 meta l4proto . th dport",
+        (true, true) => "ip6 daddr . meta l4proto . th dport",
+        (true, false) => "meta nfproto ipv6 meta l4proto . th dport",
+    }
 }
 
 /// The two DNAT base chains into `hostports` and, with snat, the masquerade base
@@ -723,20 +730,20 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
         }
     }
     let prefix = network_chain_prefix(network);
-    let unused = |s: &nft::SetInfo| match class_kind(&s.name) {
-        Some((v6, with_ip)) => {
-            s.name.starts_with(&prefix)
-                && s.elements
+    let freed = &freed;
+    // The sets of a `kind` with nothing left in them once `freed` is gone.
+    let emptied = |kind: fn(&str) -> Option<(bool, bool)>| {
+        l.sets.iter().filter(move |s| {
+            kind(&s.name).is_some_and(|(v6, with_ip)| {
+                s.elements
                     .iter()
                     .all(|e| parse_key(&e.key, v6, with_ip).is_some_and(|k| freed.contains(&k)))
-        }
-        None => false,
+            })
+        })
     };
-    let dropped: BTreeSet<&str> = l
-        .sets
-        .iter()
-        .filter(|s| unused(s))
+    let dropped: BTreeSet<&str> = emptied(class_kind)
         .map(|s| s.name.as_str())
+        .filter(|s| s.starts_with(&prefix))
         .collect();
     // A chain of the network left without its set (tampering, an older layout) goes too.
     let chains: Vec<&str> = l
@@ -746,18 +753,7 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
         .filter(|c| c.starts_with(&prefix) && (dropped.contains(c) || l.set(c).is_none()))
         .collect();
     // The verdict maps of the layout before classes, once nothing is left in them.
-    let legacy: Vec<&str> = l
-        .sets
-        .iter()
-        .filter(|s| LEGACY_MAPS.contains(&s.name.as_str()))
-        .filter(|s| {
-            let (v6, with_ip) = (s.name.ends_with("v6"), s.name.starts_with("hostip"));
-            s.elements
-                .iter()
-                .all(|e| parse_key(&e.key, v6, with_ip).is_some_and(|k| freed.contains(&k)))
-        })
-        .map(|s| s.name.as_str())
-        .collect();
+    let legacy: Vec<&str> = emptied(legacy_kind).map(|s| s.name.as_str()).collect();
     if dropped.is_empty() && chains.is_empty() && legacy.is_empty() {
         return (tx, stale.len());
     }
@@ -770,7 +766,7 @@ pub fn gc_tx(l: &Listing, network: &str, valid: &[(&str, &str)]) -> (Transaction
         .sets
         .iter()
         .map(|s| s.name.as_str())
-        .filter(|m| LEGACY_MAPS.contains(m) && !legacy.contains(m))
+        .filter(|m| legacy_kind(m).is_some() && !legacy.contains(m))
         .collect();
     dispatch_tx(&mut tx, &live, &kept);
     for c in chains.into_iter().filter_map(|c| Ident::new(c).ok()) {
