@@ -154,6 +154,26 @@ pub fn unique_name(tag: &str) -> String {
     format!("{tag}-{}-{n}", std::process::id())
 }
 
+/// Every element of the sets and maps of `<family> <table>` in `ns`, as nft's JSON
+/// has it, with its set's name. Empty without the table.
+pub fn table_elements(
+    ns: &TestNetns,
+    family: &str,
+    table: &str,
+) -> Vec<(String, serde_json::Value)> {
+    let out = ns.exec(&["nft", "-j", "list", "table", family, table]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let items = v["nftables"].as_array().into_iter().flatten();
+    let sets = items.filter_map(|o| o.get("map").or_else(|| o.get("set")));
+    let mut elems = Vec::new();
+    for s in sets {
+        let name = s["name"].as_str().unwrap_or("?");
+        let es = s["elem"].as_array().into_iter().flatten();
+        elems.extend(es.map(|e| (name.to_string(), e.clone())));
+    }
+    elems
+}
+
 /// Every file under portmap's data dir `dir`, in it or in its subdirectories (the
 /// records are spread over 256 of them), by name. Empty when `dir` does not exist.
 pub fn portmap_files(dir: &std::path::Path) -> std::collections::BTreeSet<String> {

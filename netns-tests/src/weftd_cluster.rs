@@ -1030,14 +1030,12 @@ pub fn attachment_leftovers(
     let records = crate::portmap_files(&root.join("portmap"));
     let records = records.iter().filter(|f| f.ends_with(".json"));
     left.extend(records.map(|f| format!("portmap record {f}")));
-    let table = ns.exec(&["nft", "-j", "list", "table", "inet", "weft_portmap"]);
-    let table: Value = serde_json::from_slice(&table.stdout).unwrap_or(Value::Null);
-    let sets = table["nftables"].as_array().into_iter().flatten();
-    let sets = sets.filter_map(|o| o.get("map").or_else(|| o.get("set")));
-    let elems = sets.filter_map(|s| Some((s["name"].as_str()?, s["elem"].as_array()?)));
-    for (map, elem) in elems {
-        left.extend(elem.iter().map(|e| format!("portmap {map} element {e}")));
-    }
+    let elems = crate::table_elements(ns, "inet", "weft_portmap");
+    left.extend(
+        elems
+            .iter()
+            .map(|(map, e)| format!("portmap {map} element {e}")),
+    );
     let cached = driver.cached_attachments();
     left.extend(
         cached

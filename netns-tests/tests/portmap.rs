@@ -97,21 +97,8 @@ impl Node {
     /// Every element line of the mapping sets and maps (class sets, targets, owners),
     /// each prefixed by its set's name.
     fn elements(&self) -> Vec<String> {
-        let o = self
-            .ns
-            .exec(&["nft", "-j", "list", "table", "inet", "weft_portmap"]);
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        let mut out = Vec::new();
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            let Some(set) = item.get("map").or_else(|| item.get("set")) else {
-                continue;
-            };
-            let name = set["name"].as_str().unwrap_or("?");
-            for e in set["elem"].as_array().into_iter().flatten() {
-                out.push(format!("{name} {e}"));
-            }
-        }
-        out
+        let elems = netns_tests::table_elements(&self.ns, "inet", "weft_portmap");
+        elems.iter().map(|(set, e)| format!("{set} {e}")).collect()
     }
 
     fn records(&self) -> usize {
