@@ -188,7 +188,9 @@ impl Node {
         let text = self.ns.exec_ok(&["nft", "list", "ruleset"]);
         let mut ips = BTreeSet::new();
         let mut ports = BTreeSet::new();
-        for word in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        // Words, not digit runs: a hex mark (`0x7c20482f`) or a hashed set or chain
+        // name holds digit runs that can look like a mapped port.
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.')) {
             // The pod subnet itself (10.130.0.0/22) is named by the masquerade rules.
             if word.starts_with("10.130.") && word != "10.130.0.0" {
                 ips.insert(word.to_owned());
